@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Sets up a fresh machine for vidcap: system packages the tests use, and .venv with vidcap installed.
+# Idempotent; safe to run again. apt-get runs only when something is missing and we are root.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v ffmpeg >/dev/null || need+=(ffmpeg)
+if ((${#need[@]})); then
+    if [[ $(id -u) -eq 0 ]]; then
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+    else
+        echo "setup: please install: ${need[*]} (e.g. sudo apt-get install ${need[*]})" >&2
+        exit 1
+    fi
+fi
+
+PY=${PYTHON:-python3}
+[[ -x .venv/bin/python ]] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+.venv/bin/python -m pip install -q -e '.[test]' 2>&1 | grep -v -E '^(WARNING|DEPRECATION)' || true
+.venv/bin/vidcap --version >/dev/null

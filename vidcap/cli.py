@@ -1,0 +1,319 @@
+"""The command line: parse, call one core function per verb, render. No logic lives here."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from vidcap import __version__, captioner, config, options, report
+from vidcap.errors import ConfigError, UsageError, VidcapError
+
+app = typer.Typer(
+    help="Caption whole directories of videos with Qwen3-Omni served by vLLM, and bring the captions home.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+config_app = typer.Typer(help="Create, show and check config.toml.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+err = Console(stderr=True)
+out = Console()
+_debug = {"on": False}
+
+ConfigOpt = typer.Option(None, "--config", help="Config file (default: ./vidcap.toml, then the user config).")
+ProfileOpt = typer.Option(
+    None, "--profile", "-p", help="Profile to use (default: the config's default_profile)."
+)
+
+
+def _fail(exc: BaseException) -> None:
+    if _debug["on"]:
+        err.print_exception()
+    code = exc.exit_code if isinstance(exc, VidcapError) else 1
+    err.print(f"[bold red]{type(exc).__name__}[/]: {exc}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+@app.callback()
+def _main(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks."),
+    version: bool = typer.Option(False, "--version", help="Print the version and exit."),
+) -> None:
+    _debug["on"] = debug
+    if version:
+        out.print(f"vidcap {__version__}")
+        raise typer.Exit(0)
+
+
+# -- config -------------------------------------------------------------------------------------------
+
+
+@config_app.command("init")
+def config_init(
+    path: Path | None = typer.Option(None, "--path", help="Where to write (default: the user config dir)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
+) -> None:
+    """Write a commented example config to edit."""
+    target = path or config.user_config_dir() / "config.toml"
+    if target.exists() and not force:
+        _fail(UsageError(f"{target} exists; edit it, or pass --force to overwrite"))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(config.example_text(), encoding="utf-8")
+    err.print(f"wrote {target}; edit the profile, then run 'vidcap config check'")
+
+
+@config_app.command("show")
+def config_show(config_path: Path | None = ConfigOpt, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Print the effective configuration (file values over defaults)."""
+    try:
+        cfg, path = config.load(config_path)
+    except VidcapError as exc:
+        _fail(exc)
+    data = cfg.model_dump(mode="json")
+    if as_json:
+        out.print_json(data=data)
+        return
+    err.print(f"# from {path or 'built-in defaults (no config file found)'}")
+    out.print_json(data=data)
+
+
+@config_app.command("check")
+def config_check(config_path: Path | None = ConfigOpt) -> None:
+    """Validate the config file; exit 2 with the offending key when it is wrong."""
+    try:
+        cfg, path = config.load(config_path)
+    except VidcapError as exc:
+        _fail(exc)
+    names = ", ".join(sorted(cfg.profiles))
+    out.print(f"ok: {path or 'built-in defaults'} (profiles: {names}; default: {cfg.default_profile})")
+
+
+# -- caption ------------------------------------------------------------------------------------------
+
+
+@app.command()
+def caption(
+    source: str = typer.Argument(
+        ..., help="Directory of videos (local path; PROFILE:PATH for a cluster path)."
+    ),
+    out_dir: Path | None = typer.Option(None, "--out", "-o", help="Output root [default: captions/<model>]."),
+    server: str | None = typer.Option(
+        None, "--server", help="OpenAI-compatible URL, e.g. http://host:8000/v1."
+    ),
+    model: str | None = typer.Option(None, "--model", help="Served model name [default: the server's]."),
+    prompt: str | None = typer.Option(None, "--prompt", help="Prompt text, or @FILE to read it from a file."),
+    concurrency: int | None = typer.Option(None, "--concurrency", "-c", min=1, help="Requests in flight."),
+    media: str | None = typer.Option(None, "--media", help="file | http | inline: how video reaches vLLM."),
+    audio: str | None = typer.Option(None, "--audio", help="auto | on | off: send the audio track."),
+    window: float | None = typer.Option(None, "--window", min=1.0, help="Force windows of S seconds."),
+    force: bool = typer.Option(False, "--force", help="Redo videos that already have a record."),
+    shard: str | None = typer.Option(None, "--shard", help="i/N: caption only shard i of N (by path hash)."),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="Caption at most N videos this run."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (windows, tokens); send nothing."),
+    as_json: bool = typer.Option(False, "--json", help="Print the run summary as JSON on stdout."),
+    api_key_file: Path | None = typer.Option(None, "--api-key-file", help="File holding the server API key."),
+    profile: str | None = ProfileOpt,
+    config_path: Path | None = ConfigOpt,
+) -> None:
+    """Caption every video under SOURCE that has no up-to-date record; resumable, one JSON per video.
+
+    Exit codes: 0 all done, 1 some videos failed (see OUT/_vidcap/failures.jsonl), 2 usage or config
+    error, 3 cannot reach the server, 130 interrupted.
+    """
+    try:
+        cfg, _ = config.load(config_path)
+        settings = options.Settings(
+            source=source,
+            out=out_dir,
+            server=server,
+            model=model,
+            prompt=prompt,
+            concurrency=concurrency,
+            media=media,
+            audio=audio,
+            window=window,
+            force=force,
+            shard=shard,
+            limit=limit,
+            api_key_file=api_key_file,
+            profile=profile,
+        )
+        job, endpoint = options.resolve(cfg, settings)
+        if dry_run:
+            rows = asyncio.run(captioner.dry_run(job))
+            _render_plan(rows, as_json)
+            return
+        with ProgressView(err) as progress:
+            summary = asyncio.run(captioner.run(job, endpoint, progress.handle))
+    except VidcapError as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    if as_json:
+        print(summary.model_dump_json(by_alias=True, indent=2))
+    else:
+        _render_summary(summary)
+    if summary.aborted:
+        err.print(f"[bold red]stopped[/]: {summary.aborted}", highlight=False)
+    raise typer.Exit(summary.exit_code or 0)
+
+
+def _render_plan(rows: list[dict[str, Any]], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(rows, indent=2, ensure_ascii=False))
+        return
+    table = Table(title="vidcap plan (nothing sent)")
+    for col in ("video", "duration", "audio", "requests", "window", "fps", "frame", "est. tokens", "note"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(
+            r["path"],
+            f"{r.get('duration_s', 0):.1f}s",
+            str(r.get("audio", "")),
+            str(r.get("requests", "")),
+            f"{r['window_s']:.1f}s" if r.get("window_s") else "-",
+            str(r.get("fps", "")),
+            r.get("frame", ""),
+            str(r.get("est_tokens", "")),
+            r.get("note", ""),
+        )
+    out.print(table)
+    total = sum(r.get("est_tokens", 0) for r in rows)
+    reqs = sum(r.get("requests", 0) for r in rows)
+    out.print(f"{len(rows)} videos, {reqs} requests, ~{total} prompt tokens of media")
+
+
+def _render_summary(summary: Any) -> None:
+    c = summary.counts
+    rate = c.done / summary.wall_s if summary.wall_s else 0.0
+    err.print(
+        f"done {c.done}, skipped {c.skipped}, failed {c.failed} of {c.seen} videos in {summary.wall_s:.1f}s "
+        f"({rate:.2f}/s); {c.requests} requests, {c.retried_requests} retried; "
+        f"tokens {summary.usage.prompt_tokens}+{summary.usage.completion_tokens}; out: {summary.out}",
+        highlight=False,
+    )
+    if c.failed:
+        err.print(
+            f"failures: {Path(summary.out) / '_vidcap' / 'failures.jsonl'} (or 'vidcap report {summary.out}')"
+        )
+
+
+class ProgressView:
+    """Renders pipeline events: a live bar on a terminal, a plain line every 10 s otherwise (cron, logs).
+    Failures and warnings always get a line of their own."""
+
+    def __init__(self, console: Console, interval: float = 10.0) -> None:
+        self.console, self.interval = console, interval
+        self.live = console.is_terminal
+        self.counts = {"done": 0, "failed": 0, "skipped": 0, "seen": 0}
+        self.total: float | None = None
+        self.t0 = time.monotonic()
+        self.last = self.t0
+        self._bar: Any = None
+        self._task: Any = None
+
+    def __enter__(self) -> ProgressView:
+        if self.live:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._bar = Progress(
+                TextColumn("[bold]captioning"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[stats]}"),
+                TimeRemainingColumn(),
+                console=self.console,
+                transient=True,
+            )
+            self._bar.__enter__()
+            self._task = self._bar.add_task("captioning", total=None, stats="")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
+
+    def _stats(self) -> str:
+        c = self.counts
+        rate = c["done"] / max(1e-9, time.monotonic() - self.t0)
+        return f"done {c['done']} skipped {c['skipped']} failed {c['failed']} {rate:.2f} videos/s"
+
+    def handle(self, event: captioner.Event) -> None:
+        kind = event.kind
+        if kind == "discovered":
+            self.counts["seen"] += 1
+        elif kind in ("done", "failed", "skipped"):
+            self.counts[kind] += 1
+        elif kind == "total":
+            self.total = event.value
+        if kind == "failed":
+            self.console.print(f"[red]failed[/] {event.rel!r}: {event.message}", highlight=False)
+        elif kind == "warning":
+            where = f"{event.rel!r}: " if event.rel else ""
+            self.console.print(f"[yellow]warning[/] {where}{event.message}", highlight=False)
+        elif kind == "start":
+            self.console.print(f"vidcap {__version__}: {event.message}", highlight=False)
+        if self._bar is not None:
+            finished = self.counts["done"] + self.counts["failed"] + self.counts["skipped"]
+            self._bar.update(self._task, completed=finished, total=self.total, stats=self._stats())
+        elif time.monotonic() - self.last >= self.interval:
+            self.last = time.monotonic()
+            self.console.print(f"vidcap: {self._stats()}", highlight=False)
+
+
+# -- report -------------------------------------------------------------------------------------------
+
+
+@app.command("report")
+def report_cmd(
+    out_dir: Path = typer.Argument(..., help="A caption output directory."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Counts, failures by class, tokens, latency percentiles and throughput of an output directory."""
+    if not out_dir.is_dir():
+        _fail(UsageError(f"{out_dir} is not a directory"))
+    rep = report.build(out_dir)
+    if as_json:
+        print(json.dumps(rep.to_dict(), indent=2, ensure_ascii=False))
+        return
+    table = Table(title=f"vidcap report: {out_dir}", show_header=False)
+    rows = [
+        ("captions", str(rep.records)),
+        ("models", ", ".join(f"{k} ({v})" for k, v in rep.models.items()) or "-"),
+        ("video hours", f"{rep.video_hours:.2f}"),
+        ("windowed", str(rep.windowed)),
+        ("with audio", f"{rep.with_audio} ({rep.audio_unverified} where the server was seen to drop it)"),
+        ("tokens", f"{rep.prompt_tokens} prompt + {rep.completion_tokens} completion"),
+        ("latency (s)", " ".join(f"{k}={v}" for k, v in rep.latency_s.items()) or "-"),
+        ("throughput", f"{rep.throughput_videos_per_s} videos/s over {rep.runs} runs"),
+        ("failures", f"{rep.failures} " + " ".join(f"{k}={v}" for k, v in rep.failures_by_class.items())),
+    ]
+    if rep.temp_files:
+        rows.append(
+            ("temp files", f"{rep.temp_files} left by an interrupted run; the next run replaces them")
+        )
+    for k, v in rows:
+        table.add_row(k, v)
+    out.print(table)
+    for f in rep.failed_paths:
+        out.print(f"  [red]{f['error']}[/] {f['path']!r}: {f['message']}", highlight=False)
+
+
+def main() -> None:
+    try:
+        app()
+    except ConfigError as exc:  # pragma: no cover - commands catch their own
+        _fail(exc)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

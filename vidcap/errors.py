@@ -1,0 +1,49 @@
+"""The one error tree of vidcap.
+
+    VidcapError                  every error vidcap raises on purpose; the CLI prints "Name: message"
+    ├── ConfigError              bad config file, bad option value            -> exit 2
+    ├── UsageError               an option combination that cannot work       -> exit 2
+    ├── OutputLockedError        another run holds the output directory       -> exit 2
+    ├── ServerUnreachableError   the model server cannot be reached (or stayed away too long) -> exit 3
+    ├── ServerError              the server answered, but not as vLLM should  -> exit 3
+    └── MediaError               one video cannot be used (corrupt, empty, not a video, ...);
+                                 never ends a run: it becomes a line in failures.jsonl
+
+Library exceptions (decord, openai, httpx, OSError) are translated where they enter, with ``from exc``.
+"""
+
+from __future__ import annotations
+
+
+class VidcapError(Exception):
+    """Base of every error vidcap raises on purpose."""
+
+    exit_code: int = 1
+
+
+class ConfigError(VidcapError):
+    exit_code = 2
+
+
+class UsageError(VidcapError):
+    exit_code = 2
+
+
+class OutputLockedError(VidcapError):
+    exit_code = 2
+
+
+class ServerUnreachableError(VidcapError):
+    exit_code = 3
+
+
+class ServerError(VidcapError):
+    exit_code = 3
+
+
+class MediaError(VidcapError):
+    """A video that cannot be captioned. ``kind`` is a short stable class for reports."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind

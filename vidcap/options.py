@@ -1,0 +1,120 @@
+"""Turning a profile plus command-line options into a CaptionJob and an Endpoint (pure, no I/O but
+reading a prompt/API-key file)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from vidcap.captioner import CaptionJob
+from vidcap.client import Endpoint, normalize_url
+from vidcap.config import Config, model_tag
+from vidcap.discovery import parse_shard
+from vidcap.errors import UsageError
+
+MEDIA = ("file", "http", "inline")
+AUDIO = ("auto", "on", "off")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the user typed; None means 'from the profile'."""
+
+    source: str
+    out: Path | None = None
+    server: str | None = None
+    model: str | None = None
+    prompt: str | None = None
+    concurrency: int | None = None
+    media: str | None = None
+    audio: str | None = None
+    window: float | None = None
+    force: bool = False
+    shard: str | None = None
+    limit: int | None = None
+    api_key_file: Path | None = None
+    profile: str | None = None
+
+
+def split_source(source: str, cfg: Config) -> tuple[str | None, str]:
+    """'PROFILE:PATH' -> (PROFILE, PATH) when PROFILE is a configured profile and SOURCE is not an
+    existing local path (a local file name may contain a colon)."""
+    head, sep, tail = source.partition(":")
+    if sep and head in cfg.profiles and not Path(source).exists():
+        return head, tail
+    return None, source
+
+
+def read_prompt(text: str | None, default: str) -> str:
+    if text is None:
+        return default
+    if text.startswith("@"):
+        path = Path(text[1:]).expanduser()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise UsageError(f"cannot read prompt file {path}: {exc.strerror}") from exc
+    if not text.strip():
+        raise UsageError("the prompt is empty")
+    return text.strip()
+
+
+def read_api_key(path: Path | None) -> str | None:
+    if path is not None:
+        try:
+            return path.read_text(encoding="utf-8").strip() or None
+        except OSError as exc:
+            raise UsageError(f"cannot read API key file {path}: {exc.strerror}") from exc
+    return os.environ.get("VIDCAP_API_KEY") or None
+
+
+def resolve(cfg: Config, s: Settings) -> tuple[CaptionJob, Endpoint]:
+    remote, path = split_source(s.source, cfg)
+    if remote is not None:
+        raise UsageError(
+            f"remote sources ({remote}:...) need the cluster transport, which this version does not "
+            "have yet; caption a local directory, or run vidcap on the cluster"
+        )
+    profile = cfg.profile(s.profile)
+    cap, srv = profile.caption, profile.server
+    media = s.media or cap.media
+    audio = s.audio or cap.audio
+    if media not in MEDIA:
+        raise UsageError(f"--media must be one of {', '.join(MEDIA)} (got {media!r})")
+    if audio not in AUDIO:
+        raise UsageError(f"--audio must be one of {', '.join(AUDIO)} (got {audio!r})")
+    try:
+        shard = parse_shard(s.shard)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    source = Path(path).expanduser()
+    if not source.is_dir():
+        raise UsageError(f"source {source} is not a directory")
+    model = s.model or srv.served_name
+    out = s.out or (Path(cap.out) if cap.out else Path("captions") / model_tag(s.model or srv.model))
+    url = s.server or srv.url or f"http://127.0.0.1:{srv.local_vllm_port}/v1"
+    job = CaptionJob(
+        source=source.resolve(),
+        out=out.expanduser().resolve(),
+        prompt=read_prompt(s.prompt, cap.prompt),
+        sampling=cap.sampling,
+        model=model,
+        fps=cap.fps,
+        max_pixels=cap.max_pixels,
+        window=s.window if s.window is not None else cap.window,
+        overlap=cap.overlap,
+        media=media,  # type: ignore[arg-type]
+        audio=audio,  # type: ignore[arg-type]
+        concurrency=s.concurrency or cap.concurrency,
+        force=s.force,
+        shard=shard,
+        limit=s.limit,
+        extensions=tuple(cap.extensions),
+        max_model_len=srv.max_model_len,
+        request_timeout=cap.request_timeout,
+        max_attempts=cap.max_attempts,
+        retry_max_seconds=cap.retry_max_seconds,
+        server_wait=cap.server_wait,
+    )
+    return job, Endpoint(normalize_url(url), read_api_key(s.api_key_file))

@@ -1,0 +1,129 @@
+"""What an output directory holds: records, current failures, tokens, latency, throughput."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vidcap.store import META, TMP_SUFFIX, OutputDir
+
+
+@dataclass
+class Report:
+    out: str
+    records: int = 0
+    truncated_records: int = 0
+    windowed: int = 0
+    with_audio: int = 0
+    audio_unverified: int = 0
+    models: dict[str, int] = field(default_factory=dict)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency_s: dict[str, float] = field(default_factory=dict)
+    video_hours: float = 0.0
+    failures: int = 0
+    failures_by_class: dict[str, int] = field(default_factory=dict)
+    failed_paths: list[dict[str, Any]] = field(default_factory=list)
+    runs: int = 0
+    last_run: dict[str, Any] | None = None
+    throughput_videos_per_s: float | None = None
+    temp_files: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def percentiles(values: list[float], points: tuple[int, ...] = (50, 90, 99)) -> dict[str, float]:
+    if not values:
+        return {}
+    ordered = sorted(values)
+    out = {}
+    for p in points:
+        k = min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))
+        out[f"p{p}"] = round(ordered[k], 3)
+    out["max"] = round(ordered[-1], 3)
+    return out
+
+
+def build(out: Path, failed_limit: int = 50) -> Report:
+    """Scan ``out``. Latencies are the one list held in memory (8 bytes a record)."""
+    report = Report(out=str(out))
+    latencies: list[float] = []
+    models: Counter[str] = Counter()
+    present: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(out):
+        if Path(dirpath) == out and META in dirnames:
+            dirnames.remove(META)
+        for name in filenames:
+            if name.endswith(TMP_SUFFIX):
+                report.temp_files += 1
+                continue
+            if not name.endswith(".json"):
+                continue
+            path = Path(dirpath) / name
+            try:
+                data = json.loads(path.read_bytes())
+            except (OSError, ValueError):
+                continue
+            if not isinstance(data, dict) or data.get("schema") != "vidcap.caption/1":
+                continue
+            report.records += 1
+            present.add(data["video"]["path"])
+            models[data.get("model", "?")] += 1
+            usage = data.get("usage") or {}
+            report.prompt_tokens += usage.get("prompt_tokens", 0)
+            report.completion_tokens += usage.get("completion_tokens", 0)
+            latencies.append(data["timing"]["latency_s"])
+            report.video_hours += data["video"]["duration_s"] / 3600
+            report.windowed += bool(data.get("segments"))
+            params = data.get("params") or {}
+            report.with_audio += bool(params.get("audio"))
+            report.audio_unverified += params.get("audio_verified") is False
+            report.truncated_records += data.get("finish_reason") == "length"
+    report.models = dict(models)
+    report.latency_s = percentiles(latencies)
+    report.video_hours = round(report.video_hours, 3)
+    _failures(OutputDir(out), present, report, failed_limit)
+    _runs(OutputDir(out), report)
+    return report
+
+
+def _failures(store: OutputDir, present: set[str], report: Report, limit: int) -> None:
+    """Current failures: the latest line per path, for paths that still have no record."""
+    latest: dict[str, dict[str, Any]] = {}
+    try:
+        with open(store.failures_path, encoding="utf-8") as fh:
+            for line in fh:
+                try:
+                    item = json.loads(line)
+                except ValueError:
+                    continue
+                latest[item["path"]] = item
+    except OSError:
+        return
+    current = [v for k, v in latest.items() if k not in present]
+    report.failures = len(current)
+    report.failures_by_class = dict(Counter(v["error"] for v in current))
+    report.failed_paths = [
+        {k: v[k] for k in ("path", "error", "message", "attempts", "retryable")} for v in current[:limit]
+    ]
+
+
+def _runs(store: OutputDir, report: Report) -> None:
+    files = sorted(store.runs_dir.glob("*.json")) if store.runs_dir.is_dir() else []
+    report.runs = len(files)
+    done = wall = 0.0
+    for path in files:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        report.last_run = data
+        done += data.get("counts", {}).get("done", 0)
+        wall += data.get("wall_s", 0.0)
+    if wall > 0:
+        report.throughput_videos_per_s = round(done / wall, 3)

@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import videos  # noqa: E402
+import videos
 
 
 @pytest.fixture(autouse=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from vidcap import windows
@@ -10,7 +12,9 @@ from vidcap.media import Probe, fit_size, frame_count
 
 
 def probe(duration: float, w: int = 1280, h: int = 720, fps: float = 30.0) -> Probe:
-    return Probe(duration_s=duration, fps=fps, frames=int(duration * fps), width=w, height=h, has_audio=True, vfr=False)
+    return Probe(
+        duration_s=duration, fps=fps, frames=int(duration * fps), width=w, height=h, has_audio=True, vfr=False
+    )
 
 
 def test_fit_size_keeps_aspect_and_area() -> None:
@@ -45,23 +49,29 @@ def test_long_video_windows_fit_overlap_and_cover(audio: bool, limit: int) -> No
     assert ws[0].start_s == 0.0 and ws[-1].end_s == duration
     for w in ws:
         assert w.est_tokens <= limit
-        assert w.est_tokens == windows.media_tokens(w.end_s - w.start_s, plan.fps, plan.width, plan.height, audio)
+        assert w.est_tokens == windows.media_tokens(
+            w.end_s - w.start_s, plan.fps, plan.width, plan.height, audio
+        )
         if audio:
             assert w.end_s - w.start_s <= windows.MAX_AUDIO_WINDOW_S + 1e-6
-    for a, b in zip(ws, ws[1:]):
+    for a, b in itertools.pairwise(ws):
         assert b.start_s < a.end_s, "neighbouring windows overlap"
         assert a.end_s - b.start_s <= plan.overlap_s + 2e-3
 
 
 def test_forced_window_length() -> None:
-    plan = windows.plan_video(probe(100.0), limit=30000, fps=1.0, max_pixels=320 * 180, audio=False, window=20)
+    plan = windows.plan_video(
+        probe(100.0), limit=30000, fps=1.0, max_pixels=320 * 180, audio=False, window=20
+    )
     assert plan.window_s is not None and plan.window_s <= 20
     assert len(plan.windows) >= 5
 
 
 def test_quality_drops_only_when_needed() -> None:
     # 4K frames at 2 fps do not fit 2 s in 600 tokens: pixels must drop, then fps.
-    plan = windows.plan_video(probe(60.0, 3840, 2160), limit=600, fps=2.0, max_pixels=3840 * 2160, audio=False)
+    plan = windows.plan_video(
+        probe(60.0, 3840, 2160), limit=600, fps=2.0, max_pixels=3840 * 2160, audio=False
+    )
     assert plan.max_pixels < 3840 * 2160
     assert all(w.est_tokens <= 600 for w in plan.windows)
     roomy = windows.plan_video(probe(5.0), limit=30000, fps=2.0, max_pixels=640 * 360, audio=False)

@@ -16,7 +16,6 @@ import os
 import signal
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -130,13 +129,13 @@ class _Run:
     # -- per video ----------------------------------------------------------------------------------
 
     async def caption(
-        self, entry: Entry, pool: Executor, requester: Requester, slots: asyncio.Semaphore
+        self, entry: Entry, pool: media.MediaPool, requester: Requester, slots: asyncio.Semaphore
     ) -> None:
-        job, loop = self.job, asyncio.get_running_loop()
+        job = self.job
         started, t0 = _now(), time.monotonic()
         attempts = 0
         try:
-            probe = await loop.run_in_executor(pool, _probe, entry.path, job.audio != "off")
+            probe = await pool.run(_probe, entry.path, job.audio != "off")
             send_audio = bool(probe.has_audio) and job.audio != "off"
             if job.audio == "on" and not probe.has_audio:
                 self.sink(Event("warning", entry.rel, "--audio on, but the video has no audio track"))
@@ -225,6 +224,9 @@ class _Run:
             await self._fail(
                 entry.rel, "io_error", f"{exc.strerror or exc}: {exc.filename or ''}", attempts, True
             )
+        except Exception as exc:
+            # Last resort, so that one video can never stop the run; the class name says where to look.
+            await self._fail(entry.rel, "internal_error", f"{type(exc).__name__}: {exc}", attempts, True)
         else:
             self.counts.done += 1
             self.usage = self.usage + usage
@@ -236,21 +238,18 @@ class _Run:
         probe: media.Probe,
         plan: windows.Plan,
         win: windows.Window,
-        pool: Executor,
+        pool: media.MediaPool,
         requester: Requester,
         slots: asyncio.Semaphore,
     ) -> Reply:
-        job, loop = self.job, asyncio.get_running_loop()
+        job = self.job
         if job.media == "file" and not plan.windowed:
             video_url, num_frames = media.file_url(entry.path), win.num_frames
             audio_url = None
             if plan.audio:
-                audio_url, _ = await loop.run_in_executor(
-                    pool, media.encode_audio, entry.path, win.start_s, win.end_s
-                )
+                audio_url, _ = await pool.run(media.encode_audio, entry.path, win.start_s, win.end_s)
         else:
-            inline = await loop.run_in_executor(
-                pool,
+            inline = await pool.run(
                 media.encode_inline,
                 entry.path,
                 probe,
@@ -355,39 +354,38 @@ class _Run:
     async def feed(self, queue: asyncio.Queue[Entry | None], workers: int) -> None:
         it = _candidates(self.job, self.store, self.chash)
         remaining = self.job.limit
-        try:
-            while remaining is None or remaining > 0:
-                batch = await asyncio.to_thread(lambda: list(itertools.islice(it, 256)))
-                if not batch:
-                    break
-                for item, done in batch:
-                    if isinstance(item, Problem):
-                        if item.video:
-                            self.counts.seen += 1
-                            await self._fail(item.rel, item.kind, item.message, 0, False)
-                        else:
-                            self.sink(Event("warning", item.rel, item.message))
-                        continue
-                    self.counts.seen += 1
-                    self.sink(Event("discovered", item.rel))
-                    if done:
-                        self.counts.skipped += 1
-                        self.sink(Event("skipped", item.rel))
-                        continue
-                    await queue.put(item)
-                    if remaining is not None:
-                        remaining -= 1
-                        if remaining == 0:
-                            break
-            self.sink(Event("total", value=self.counts.seen))
-        finally:
-            for _ in range(workers):
-                await queue.put(None)
+        while remaining is None or remaining > 0:
+            batch = await asyncio.to_thread(lambda: list(itertools.islice(it, 256)))
+            if not batch:
+                break
+            for item, done in batch:
+                if isinstance(item, Problem):
+                    if item.video:
+                        self.counts.seen += 1
+                        await self._fail(item.rel, item.kind, item.message, 0, False)
+                    else:
+                        self.sink(Event("warning", item.rel, item.message))
+                    continue
+                self.counts.seen += 1
+                self.sink(Event("discovered", item.rel))
+                if done:
+                    self.counts.skipped += 1
+                    self.sink(Event("skipped", item.rel))
+                    continue
+                await queue.put(item)
+                if remaining is not None:
+                    remaining -= 1
+                    if remaining == 0:
+                        break
+        self.sink(Event("total", value=self.counts.seen))
+        # Sentinels only on a normal end (not in a finally): after a cancel no worker reads the queue.
+        for _ in range(workers):
+            await queue.put(None)
 
     async def work(
         self,
         queue: asyncio.Queue[Entry | None],
-        pool: Executor,
+        pool: media.MediaPool,
         requester: Requester,
         slots: asyncio.Semaphore,
     ) -> None:
@@ -403,7 +401,7 @@ async def run(
     job: CaptionJob,
     endpoint: Endpoint,
     sink: EventSink = lambda e: None,
-    pool: Executor | None = None,
+    pool: media.MediaPool | None = None,
 ) -> RunSummary:
     """Caption what is missing under ``job.source`` into ``job.out``; returns the run summary (also written
     to OUT/_vidcap/runs/). Raises ServerUnreachableError/ServerError before anything is written when the
@@ -447,7 +445,7 @@ async def run(
         sink(Event("start", message=f"{model} at {endpoint.base_url}, context {max_len}"))
         t0 = time.monotonic()
         own_pool = pool is None
-        pool = pool or media.media_pool(job.decode_workers)
+        pool = pool or media.MediaPool(job.decode_workers)
         requester = Requester(
             endpoint,
             Gate(endpoint, job.server_wait),
@@ -494,9 +492,9 @@ async def run(
                 loop.remove_signal_handler(signum)
             await requester.close()
             if own_pool:
-                pool.shutdown(wait=False, cancel_futures=True)
+                pool.shutdown()
             reason = stopped[0] if stopped else None
-            summary.interrupted = isinstance(reason, int) or asyncio.current_task().cancelled()  # type: ignore[union-attr]
+            summary.interrupted = isinstance(reason, int)
             if isinstance(reason, BaseException):
                 summary.aborted = f"{type(reason).__name__}: {reason}"
             summary.counts = state.counts
@@ -513,7 +511,7 @@ async def run(
         return summary
 
 
-async def dry_run(job: CaptionJob, pool: Executor | None = None) -> list[dict[str, Any]]:
+async def dry_run(job: CaptionJob, pool: media.MediaPool | None = None) -> list[dict[str, Any]]:
     """The plan of every video that a run would caption (probe + windows), sending nothing.
 
     Uses the configured context length, since the server is not asked. Holds one row per video: meant
@@ -525,8 +523,7 @@ async def dry_run(job: CaptionJob, pool: Executor | None = None) -> list[dict[st
     limit = windows.budget(job.max_model_len, job.prompt, job.sampling.max_tokens)
     chash = config_hash(hash_payload(job, job.model or "", job.max_model_len))
     own_pool = pool is None
-    pool = pool or media.media_pool(job.decode_workers)
-    loop = asyncio.get_running_loop()
+    pool = pool or media.MediaPool(job.decode_workers)
     rows: list[dict[str, Any]] = []
     try:
         pending = []
@@ -538,7 +535,7 @@ async def dry_run(job: CaptionJob, pool: Executor | None = None) -> list[dict[st
             elif done:
                 rows.append({"path": item.rel, "note": "done (record up to date)"})
             else:
-                pending.append((item, loop.run_in_executor(pool, _probe, item.path, job.audio != "off")))
+                pending.append((item, asyncio.ensure_future(pool.run(_probe, item.path, job.audio != "off"))))
         for item, fut in pending:
             try:
                 probe = await fut
@@ -571,7 +568,7 @@ async def dry_run(job: CaptionJob, pool: Executor | None = None) -> list[dict[st
             )
     finally:
         if own_pool:
-            pool.shutdown(wait=False, cancel_futures=True)
+            pool.shutdown()
     return rows
 
 

@@ -45,5 +45,10 @@ class MediaError(VidcapError):
     """A video that cannot be captioned. ``kind`` is a short stable class for reports."""
 
     def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
+        # Both in args: the error crosses a process pool, and pickling rebuilds it from args.
+        super().__init__(kind, message)
         self.kind = kind
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message

@@ -6,15 +6,19 @@ the functions are plain so that they pickle and can be tested directly.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import math
 import os
 import wave
-from concurrent.futures import Executor, ProcessPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import numpy as np
@@ -23,6 +27,7 @@ from vidcap.errors import MediaError
 
 AUDIO_RATE = 16000
 PATCH = 32  # Qwen3-Omni: 16 px patches merged 2x2, so one visual token covers 32x32 px.
+T = TypeVar("T")
 VFR_SPREAD = 0.10  # relative spread of frame intervals above which a video counts as variable-rate
 
 # Leading bytes of the containers vidcap expects; used only to tell "corrupt video" from "not a video".
@@ -101,7 +106,10 @@ def probe(path: str, *, audio: bool = True) -> Probe:
         if not (math.isfinite(avg) and avg > 0):
             raise MediaError("no_timing", "the container reports no frame rate and no timestamps")
         duration = frames / avg
-    height, width = vr[0].shape[:2]
+    try:
+        height, width = vr[0].shape[:2]
+    except Exception as exc:  # DECORDError: the first frame does not decode
+        raise MediaError("decode_failed", f"the first frame does not decode: {_first_line(exc)}") from exc
     starts = stamps[:, 0]
     vfr = False
     if frames > 2:
@@ -118,6 +126,12 @@ def probe(path: str, *, audio: bool = True) -> Probe:
         has_audio=has_audio,
         vfr=vfr,
     )
+
+
+def _first_line(exc: Exception) -> str:
+    """decord's messages carry C++ source positions and newlines; keep the readable tail of line one."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text.rsplit(": ", 1)[-1][:200]
 
 
 def _has_audio(path: str) -> bool:
@@ -153,7 +167,8 @@ def sample_times(start_s: float, end_s: float, fps: float) -> list[float]:
 
 
 def file_url(path: str | Path) -> str:
-    return "file://" + quote(str(Path(path).resolve()), safe="/")
+    # abspath, not resolve: a symlinked video keeps its own path, and vLLM checks the allowed prefix itself.
+    return "file://" + quote(os.path.abspath(path), safe="/")
 
 
 def encode_inline(
@@ -232,8 +247,36 @@ def _quiet_worker() -> None:
     os.close(devnull)
 
 
-def media_pool(workers: int | None = None) -> Executor:
-    """Worker processes for decoding: the event loop keeps its core, and decoding gets all the others."""
-    n = workers or max(1, os.cpu_count() or 1)
-    # forkserver: forking a process that runs threads (the event loop's executors) is unsafe.
-    return ProcessPoolExecutor(max_workers=n, mp_context=get_context("forkserver"), initializer=_quiet_worker)
+class MediaPool:
+    """Worker processes for decoding: the event loop keeps its core and decoding gets all the others.
+
+    In concurrent.futures one worker that dies (a decoder crash on one bad file) breaks the whole pool;
+    here the pool is replaced and the call retried once, so one bad file costs one failure, not the run.
+    """
+
+    def __init__(self, workers: int | None = None) -> None:
+        self.workers = workers or max(1, os.cpu_count() or 1)
+        self._generation = 0
+        self._pool = self._new()
+
+    def _new(self) -> ProcessPoolExecutor:
+        # forkserver: forking a process that runs threads (the event loop's executors) is unsafe.
+        return ProcessPoolExecutor(
+            max_workers=self.workers, mp_context=get_context("forkserver"), initializer=_quiet_worker
+        )
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        for _ in range(2):
+            generation, pool = self._generation, self._pool
+            try:
+                return await loop.run_in_executor(pool, fn, *args)
+            except BrokenProcessPool:
+                if generation == self._generation:
+                    self._generation += 1
+                    self._pool = self._new()
+                    pool.shutdown(wait=False, cancel_futures=True)
+        raise MediaError("decoder_crash", "the decoder process crashed on this file (twice)")
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -21,9 +21,11 @@ import urllib.request
 import wave
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 from urllib.request import url2pathname
 
+import decord
 import numpy as np
 from PIL import Image, ImageStat
 
@@ -174,8 +176,6 @@ def _decode_video_file(path: str, size: int, mtime_ns: int, num_frames: int | No
 
 
 def _decode_video(source: str | io.BytesIO, name: str, num_frames: int | None, fps: float | None) -> Video:
-    import decord
-
     try:
         reader = decord.VideoReader(source, num_threads=1)
         total = len(reader)
@@ -190,13 +190,9 @@ def _decode_video(source: str | io.BytesIO, name: str, num_frames: int | None, f
             batch = reader.get_batch(indices[start:start + 8]).asnumpy()
             height, width = batch.shape[1:3]
             sums += batch[:, ::4, ::4].reshape(-1, 3).mean(axis=0) * len(batch)
-    except MediaError:
-        raise
     except Exception as exc:  # decord raises RuntimeError, DECORDError, AssertionError, IndexError
         raise MediaError(f"Failed to load video from {name}: {exc}") from exc
-    mean = sums / max(1, n)
-    return Video(n, int(width), int(height), duration, (int(round(mean[0])), int(round(mean[1])),
-                                                        int(round(mean[2]))))
+    return Video(n, int(width), int(height), duration, _rgb(sums / max(1, n)))
 
 
 def _jpeg_frames(payload: str, fps: float | None, decode: bool) -> Video:
@@ -217,9 +213,7 @@ def _jpeg_frames(payload: str, fps: float | None, decode: bool) -> Video:
         size = (picture.width, picture.height)
         sums += picture.mean_rgb
     assert size is not None
-    mean = sums / len(frames)
-    return Video(len(frames), size[0], size[1], len(frames) / (fps or ASSUMED_FPS),
-                 (int(round(mean[0])), int(round(mean[1])), int(round(mean[2]))))
+    return Video(len(frames), size[0], size[1], len(frames) / (fps or ASSUMED_FPS), _rgb(sums / len(frames)))
 
 
 # ---- images --------------------------------------------------------------------------------------
@@ -230,8 +224,12 @@ def _decode_picture(data: bytes) -> Picture:
             rgb = im.convert("RGB")
     except Exception as exc:  # Pillow raises UnidentifiedImageError, OSError, SyntaxError, ...
         raise MediaError(f"cannot decode image: {exc}") from exc
-    mean = ImageStat.Stat(rgb).mean
-    return Picture(rgb.width, rgb.height, (int(round(mean[0])), int(round(mean[1])), int(round(mean[2]))))
+    return Picture(rgb.width, rgb.height, _rgb(ImageStat.Stat(rgb).mean))
+
+
+def _rgb(mean: Any) -> tuple[int, int, int]:
+    r, g, b = (int(np.rint(v)) for v in mean[:3])
+    return r, g, b
 
 
 def load_image(url: str, src: Source) -> Picture:

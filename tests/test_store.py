@@ -55,9 +55,12 @@ def test_broken_link_is_a_video_problem(tmp_path: Path) -> None:
 
 def test_lock_excludes_a_second_writer(tmp_path: Path) -> None:
     store = OutputDir(tmp_path / "out")
-    with store.locked(), pytest.raises(OutputLockedError, match=str(os.getpid())):
-        with OutputDir(tmp_path / "out").locked():
-            pass
+    with (
+        store.locked(),
+        pytest.raises(OutputLockedError, match=str(os.getpid())),
+        OutputDir(tmp_path / "out").locked(),
+    ):
+        pass
     with store.locked():
         pass
 

@@ -19,6 +19,11 @@ fi
 
 PY=${PYTHON:-python3}
 [[ -x .venv/bin/python ]] || "$PY" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-.venv/bin/python -m pip install -q -e '.[test]' 2>&1 | grep -v -E '^(WARNING|DEPRECATION)' || true
-.venv/bin/vidcap --version >/dev/null
+log=$(mktemp)
+if ! .venv/bin/python -m pip install -q -e '.[test]' >"$log" 2>&1; then
+    cat "$log" >&2
+    echo "setup: pip install failed" >&2
+    exit 1
+fi
+rm -f "$log"
+.venv/bin/vidcap --version

@@ -382,6 +382,22 @@ class _Run:
         for _ in range(workers):
             await queue.put(None)
 
+    async def count(self, stop: list[bool]) -> None:
+        """Count the videos ahead of the feeder (stat only), so progress has a total and an ETA early."""
+
+        def walk_count() -> int | None:
+            n = 0
+            for item in walk(self.job.source, self.job.extensions):
+                if stop:
+                    return None
+                if self.job.shard and shard_of(item.rel, self.job.shard[1]) != self.job.shard[0]:
+                    continue
+                n += isinstance(item, Entry) or (isinstance(item, Problem) and item.video)
+            return n
+
+        if self.job.limit is None and (n := await asyncio.to_thread(walk_count)) is not None:
+            self.sink(Event("total", value=n))
+
     async def work(
         self,
         queue: asyncio.Queue[Entry | None],
@@ -475,7 +491,9 @@ async def run(
             except BaseException as exc:
                 stop_all(exc)
 
+        counting_stop: list[bool] = []
         tasks.append(asyncio.ensure_future(guarded(state.feed(queue, nworkers))))
+        tasks.append(asyncio.ensure_future(guarded(state.count(counting_stop))))
         tasks += [
             asyncio.ensure_future(guarded(state.work(queue, pool, requester, slots))) for _ in range(nworkers)
         ]
@@ -488,6 +506,7 @@ async def run(
         try:
             await asyncio.gather(*tasks, return_exceptions=True)
         finally:
+            counting_stop.append(True)
             for signum in installed:
                 loop.remove_signal_handler(signum)
             await requester.close()

@@ -43,8 +43,9 @@ def _fail(exc: BaseException) -> None:
     raise typer.Exit(code)
 
 
-@app.callback()
+@app.callback(invoke_without_command=True)
 def _main(
+    ctx: typer.Context,
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks."),
     version: bool = typer.Option(False, "--version", help="Print the version and exit."),
 ) -> None:
@@ -52,6 +53,9 @@ def _main(
     if version:
         out.print(f"vidcap {__version__}")
         raise typer.Exit(0)
+    if ctx.invoked_subcommand is None:
+        out.print(ctx.get_help())
+        raise typer.Exit(2)
 
 
 # -- config -------------------------------------------------------------------------------------------

@@ -280,13 +280,29 @@ def test_server_away_mid_run_is_waited_for(corpus: videos.Corpus, tmp_path: Path
     assert summary.exit_code == 1
 
 
+def wait_for_records(out: Path, count: int, timeout: float = 60) -> None:
+    """Wait on progress, not a timer: start-up time varies from machine to machine."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and len(records(out) if out.exists() else {}) < count:
+        time.sleep(0.02)
+
+
+def start_cli_until(
+    corpus: videos.Corpus, server: Any, out: Path, *, concurrency: int, records_at_least: int, quiet: bool
+) -> subprocess.Popen[str]:
+    """`vidcap caption` in a child process, returned once it has written some records."""
+    argv = [VIDCAP, "caption", str(corpus.root), "--server", server.url, "--out", str(out)]
+    sink = subprocess.DEVNULL if quiet else subprocess.PIPE
+    proc = subprocess.Popen([*argv, "--concurrency", str(concurrency)], stdout=sink, stderr=sink, text=True)
+    wait_for_records(out, records_at_least)
+    return proc
+
+
 def pause_after(server: Any, out: Path, count: int, then: Any = None) -> threading.Thread:
-    """Pause the server once ``count`` records exist (progress, not a timer: start-up time varies)."""
+    """Pause the server once ``count`` records exist."""
 
     def watch() -> None:
-        deadline = time.time() + 60
-        while time.time() < deadline and len(records(out) if out.exists() else {}) < count:
-            time.sleep(0.02)
+        wait_for_records(out, count)
         server.pause()
         if then is not None:
             then()
@@ -376,24 +392,7 @@ def test_kill_9_then_rerun_completes_without_duplicates(corpus: videos.Corpus, t
     with StandIn(
         allowed_local_media_path=str(corpus.root), video_max_pixels=PIXELS, latency=0.4, slots=2
     ) as server:
-        proc = subprocess.Popen(
-            [
-                VIDCAP,
-                "caption",
-                str(corpus.root),
-                "--server",
-                server.url,
-                "--out",
-                str(out),
-                "--concurrency",
-                "2",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.time() + 60
-        while time.time() < deadline and len(records(out) if out.exists() else {}) < 4:
-            time.sleep(0.05)
+        proc = start_cli_until(corpus, server, out, concurrency=2, records_at_least=4, quiet=True)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         first = set(records(out))
@@ -414,25 +413,7 @@ def test_sigint_writes_summary_and_exits_130(corpus: videos.Corpus, tmp_path: Pa
     with StandIn(
         allowed_local_media_path=str(corpus.root), video_max_pixels=PIXELS, latency=0.5, slots=1
     ) as server:
-        proc = subprocess.Popen(
-            [
-                VIDCAP,
-                "caption",
-                str(corpus.root),
-                "--server",
-                server.url,
-                "--out",
-                str(out),
-                "--concurrency",
-                "1",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        deadline = time.time() + 60
-        while time.time() < deadline and len(records(out) if out.exists() else {}) < 2:
-            time.sleep(0.05)
+        proc = start_cli_until(corpus, server, out, concurrency=1, records_at_least=2, quiet=False)
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 130, stderr

@@ -53,6 +53,15 @@ def test_broken_link_is_a_video_problem(tmp_path: Path) -> None:
     assert len(items) == 1 and isinstance(items[0], discovery.Problem) and items[0].video
 
 
+def test_non_utf8_name_is_a_clear_problem(tmp_path: Path) -> None:
+    with open(os.fsencode(tmp_path) + b"/caf\xe9.mp4", "wb") as fh:
+        fh.write(b"x")
+    (items,) = list(discovery.walk(tmp_path, EXTS))
+    assert isinstance(items, discovery.Problem) and items.kind == "bad_name" and items.video
+    assert items.rel == "caf\\xe9.mp4"
+    items.rel.encode("utf-8")
+
+
 def test_lock_excludes_a_second_writer(tmp_path: Path) -> None:
     store = OutputDir(tmp_path / "out")
     with (

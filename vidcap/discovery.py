@@ -50,6 +50,14 @@ def shard_of(rel: str, count: int) -> int:
     return int.from_bytes(digest[:8], "big") % count
 
 
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def walk(root: Path, extensions: Iterable[str]) -> Iterator[Entry | Problem]:
     """Videos under ``root`` by extension, in sorted order, following symlinks but never in a loop."""
     exts = tuple(e.lower() for e in extensions)
@@ -83,5 +91,10 @@ def walk(root: Path, extensions: Iterable[str]) -> Iterator[Entry | Problem]:
                 seen.add(key)
                 subdirs.append((item.path, rel + "/"))
             elif stat.S_ISREG(st.st_mode) and item.name.lower().endswith(exts):
+                if not _utf8(rel):
+                    # Records are JSON (UTF-8): such a name cannot be written as it is. Say so, escaped.
+                    shown = rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+                    yield Problem(shown, "bad_name", "file name is not valid UTF-8; rename the file", True)
+                    continue
                 yield Entry(item.path, rel, st.st_size, st.st_mtime)
         stack.extend(reversed(subdirs))

@@ -6,6 +6,9 @@ cd "$(dirname "$0")/.."
 
 need=()
 command -v ffmpeg >/dev/null || need+=(ffmpeg)
+[[ -x /usr/sbin/sshd ]] || need+=(openssh-server)
+command -v ssh >/dev/null || need+=(openssh-client)
+command -v rsync >/dev/null || need+=(rsync)
 if ((${#need[@]})); then
     if [[ $(id -u) -eq 0 ]]; then
         export DEBIAN_FRONTEND=noninteractive

@@ -44,6 +44,10 @@ class SSHConfig(_Strict):
     backend: Literal["sshtunnel", "openssh"] = "sshtunnel"
     jump: str | None = Field(None, description="ProxyJump host, e.g. user@bastion:22.")
     accept_new_host_key: bool = Field(False, description="Like StrictHostKeyChecking=accept-new.")
+    known_hosts: str = Field("~/.ssh/known_hosts", description="Host keys are verified against this file.")
+    config_file: str | None = Field("~/.ssh/config", description="OpenSSH client config to read; none = ignore.")
+    keepalive: int = Field(15, ge=0, description="Seconds between SSH keepalives; 0 = off.")
+    connect_timeout: float = Field(15.0, gt=0)
 
 
 class PathsConfig(_Strict):
@@ -101,11 +105,23 @@ class CaptionConfig(_Strict):
     server_wait: float = Field(900.0, ge=0, description="How long to wait for a server that went away.")
 
 
+class EndpointConfig(_Strict):
+    """Where the GPU node's servers are, for a server vidcap did not start (vidcap jobs find it themselves)."""
+
+    node: str | None = Field(None, description="Host the login node reaches the servers at.")
+    vllm_port: int | None = None
+    files_port: int | None = None
+    secrets_file: str | None = Field(
+        None, description="Cluster path of a 0600 JSON file {api_key, files_token}; read over SSH, never logged."
+    )
+
+
 class Profile(_Strict):
     ssh: SSHConfig = Field(default_factory=SSHConfig)
     paths: PathsConfig = Field(default_factory=PathsConfig)
     job: JobConfig = Field(default_factory=JobConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
+    endpoint: EndpointConfig = Field(default_factory=EndpointConfig)
     caption: CaptionConfig = Field(default_factory=CaptionConfig)
 
 

@@ -45,7 +45,9 @@ class SSHConfig(_Strict):
     jump: str | None = Field(None, description="ProxyJump host, e.g. user@bastion:22.")
     accept_new_host_key: bool = Field(False, description="Like StrictHostKeyChecking=accept-new.")
     known_hosts: str = Field("~/.ssh/known_hosts", description="Host keys are verified against this file.")
-    config_file: str | None = Field("~/.ssh/config", description="OpenSSH client config to read; none = ignore.")
+    config_file: str | None = Field(
+        "~/.ssh/config", description="OpenSSH client config to read; none = ignore."
+    )
     keepalive: int = Field(15, ge=0, description="Seconds between SSH keepalives; 0 = off.")
     connect_timeout: float = Field(15.0, gt=0)
 
@@ -106,13 +108,14 @@ class CaptionConfig(_Strict):
 
 
 class EndpointConfig(_Strict):
-    """Where the GPU node's servers are, for a server vidcap did not start (vidcap jobs find it themselves)."""
+    """Where the GPU node's servers are, for servers vidcap did not start (its jobs find their own)."""
 
     node: str | None = Field(None, description="Host the login node reaches the servers at.")
     vllm_port: int | None = None
     files_port: int | None = None
     secrets_file: str | None = Field(
-        None, description="Cluster path of a 0600 JSON file {api_key, files_token}; read over SSH, never logged."
+        None,
+        description="Cluster path of a 0600 JSON file {api_key, files_token}; read over SSH, never logged.",
     )
 
 

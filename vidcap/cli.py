@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from vidcap import __version__, captioner, config, options, report
+from vidcap import __version__, captioner, config, dryrun, options, report
 from vidcap.errors import ConfigError, UsageError, VidcapError
 
 app = typer.Typer(
@@ -153,7 +153,7 @@ def caption(
         )
         job, endpoint = options.resolve(cfg, settings)
         if dry_run:
-            rows = asyncio.run(captioner.dry_run(job))
+            rows = asyncio.run(dryrun.dry_run(job))
             _render_plan(rows, as_json)
             return
         with ProgressView(err) as progress:

@@ -1,0 +1,115 @@
+"""Where videos come from and how their media reach vLLM: a local directory, or a cluster directory
+served by the file server next to vLLM. The pipeline (captioner.py) is the same for both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Protocol
+
+from vidcap import media
+from vidcap.discovery import Entry, Problem, shard_of, walk
+from vidcap.windows import Plan, Window
+
+BATCH = 256
+Item = Entry | Problem
+
+
+@dataclass(frozen=True)
+class MediaParts:
+    video_url: str
+    num_frames: int
+    audio_url: str | None
+    kind: Literal["file", "http", "inline"]
+
+
+class Source(Protocol):
+    """What the pipeline needs from a place that holds videos."""
+
+    label: str
+
+    def batches(self, shard: tuple[int, int] | None) -> AsyncIterator[list[Item]]: ...
+
+    async def count(self, shard: tuple[int, int] | None) -> int | None: ...
+
+    async def probe(self, entry: Entry, audio: bool) -> media.Probe: ...
+
+    async def media(self, entry: Entry, probe: media.Probe, plan: Plan, win: Window) -> MediaParts: ...
+
+    async def close(self) -> None: ...
+
+
+def in_shard(item: Item, shard: tuple[int, int] | None) -> bool:
+    return shard is None or shard_of(item.rel, shard[1]) == shard[0]
+
+
+class LocalSource:
+    """A directory on this machine: walked here, decoded here in worker processes."""
+
+    def __init__(
+        self,
+        root: Path,
+        extensions: tuple[str, ...],
+        mode: Literal["file", "http", "inline"] = "file",
+        workers: int | None = None,
+    ) -> None:
+        self.root, self.extensions, self.mode = root, extensions, mode
+        self.label = str(root)
+        self._workers = workers
+        self._pool: media.MediaPool | None = None
+
+    @property
+    def pool(self) -> media.MediaPool:
+        # Started on first use: a dry run of an empty tree, or a run with nothing to do, starts no process.
+        if self._pool is None:
+            self._pool = media.MediaPool(self._workers)
+        return self._pool
+
+    async def batches(self, shard: tuple[int, int] | None) -> AsyncIterator[list[Item]]:
+        it = (item for item in walk(self.root, self.extensions) if in_shard(item, shard))
+        while batch := await asyncio.to_thread(lambda: list(itertools.islice(it, BATCH))):
+            yield batch
+
+    async def count(self, shard: tuple[int, int] | None) -> int | None:
+        def walk_count() -> int:
+            return sum(
+                1
+                for item in walk(self.root, self.extensions)
+                if in_shard(item, shard) and (isinstance(item, Entry) or item.video)
+            )
+
+        return await asyncio.to_thread(walk_count)
+
+    async def probe(self, entry: Entry, audio: bool) -> media.Probe:
+        return await self.pool.run(_probe, entry.path, audio)
+
+    async def media(self, entry: Entry, probe: media.Probe, plan: Plan, win: Window) -> MediaParts:
+        if self.mode == "file" and not plan.windowed:
+            audio_url = None
+            if plan.audio:
+                audio_url, _ = await self.pool.run(media.encode_audio, entry.path, win.start_s, win.end_s)
+            return MediaParts(media.file_url(entry.path), win.num_frames, audio_url, "file")
+        # A file URL cannot name a time span, so windows always go inline.
+        inline = await self.pool.run(
+            media.encode_inline,
+            entry.path,
+            probe,
+            win.start_s,
+            win.end_s,
+            plan.fps,
+            plan.max_pixels,
+            plan.audio,
+        )
+        return MediaParts(inline.video_url, inline.num_frames, inline.audio_url, "inline")
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+
+
+def _probe(path: str, audio: bool) -> media.Probe:
+    return media.probe(path, audio=audio)

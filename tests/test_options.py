@@ -16,9 +16,8 @@ def cfg(**caption: object) -> config.Config:
 
 def test_defaults_come_from_the_profile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    job, endpoint = options.resolve(
-        cfg(concurrency=7, media="inline"), options.Settings(source=str(tmp_path))
-    )
+    r = options.resolve(cfg(concurrency=7, media="inline"), options.Settings(source=str(tmp_path)))
+    job, endpoint = r.job, r.endpoint
     assert job.concurrency == 7 and job.media == "inline"
     assert job.out == (tmp_path / "captions" / "qwen3-omni").resolve()
     assert endpoint.base_url == "http://127.0.0.1:8000/v1"
@@ -36,7 +35,8 @@ def test_flags_override_the_profile(tmp_path: Path) -> None:
         out=tmp_path / "o",
         window=30.0,
     )
-    job, endpoint = options.resolve(cfg(concurrency=7, media="inline"), s)
+    r = options.resolve(cfg(concurrency=7, media="inline"), s)
+    job, endpoint = r.job, r.endpoint
     assert (job.concurrency, job.media, job.audio, job.shard, job.window) == (3, "file", "off", (1, 4), 30.0)
     assert endpoint.base_url == "http://h:9000/v1"
 
@@ -45,12 +45,13 @@ def test_prompt_from_file_and_api_key(tmp_path: Path, monkeypatch: pytest.Monkey
     (tmp_path / "p.txt").write_text("  Say what happens.\n")
     (tmp_path / "key").write_text("sk-secret\n")
     s = options.Settings(source=str(tmp_path), prompt=f"@{tmp_path / 'p.txt'}", api_key_file=tmp_path / "key")
-    job, endpoint = options.resolve(cfg(), s)
+    r = options.resolve(cfg(), s)
+    job, endpoint = r.job, r.endpoint
     assert job.prompt == "Say what happens."
     assert endpoint.api_key == "sk-secret"
     assert "sk-secret" not in repr(endpoint)
     monkeypatch.setenv("VIDCAP_API_KEY", "from-env")
-    assert options.resolve(cfg(), options.Settings(source=str(tmp_path)))[1].api_key == "from-env"
+    assert options.resolve(cfg(), options.Settings(source=str(tmp_path))).endpoint.api_key == "from-env"
 
 
 @pytest.mark.parametrize(
@@ -61,6 +62,7 @@ def test_prompt_from_file_and_api_key(tmp_path: Path, monkeypatch: pytest.Monkey
         ({"shard": "4/4"}, "--shard"),
         ({"prompt": "@/nonexistent/prompt"}, "prompt file"),
         ({"prompt": "   "}, "empty"),
+        ({"media": "http"}, "cluster source"),
     ],
 )
 def test_bad_options_are_usage_errors(tmp_path: Path, settings: dict[str, object], message: str) -> None:
@@ -68,14 +70,13 @@ def test_bad_options_are_usage_errors(tmp_path: Path, settings: dict[str, object
         options.resolve(cfg(), options.Settings(source=str(tmp_path), **settings))  # type: ignore[arg-type]
 
 
-def test_remote_source_is_recognised_but_not_yet_supported(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_remote_source_is_recognised(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     c = config.parse({"profiles": {"cluster": {"ssh": {"host": "login"}}}, "default_profile": "cluster"})
-    with pytest.raises(UsageError, match="remote sources"):
-        options.resolve(c, options.Settings(source="cluster:datasets/videos"))
+    resolved = options.resolve(c, options.Settings(source="cluster:datasets/videos"))
+    assert resolved.remote == ("cluster", "datasets/videos") and resolved.endpoint is None
+    assert resolved.job.source == "cluster:datasets/videos"
     # a local directory whose name has a colon is still local
     (tmp_path / "cluster:x").mkdir()
-    job, _ = options.resolve(c, options.Settings(source="cluster:x"))
+    job = options.resolve(c, options.Settings(source="cluster:x")).job
     assert job.source == (tmp_path / "cluster:x").resolve()

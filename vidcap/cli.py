@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from vidcap import __version__, captioner, config, dryrun, options, report
+from vidcap import __version__, captioner, config, dryrun, options, remote, report, tunnel
 from vidcap.errors import ConfigError, UsageError, VidcapError
 
 app = typer.Typer(
@@ -24,6 +24,12 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Create, show and check config.toml.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+tunnel_app = typer.Typer(
+    help="Keep SSH tunnels to the GPU node's servers up in the background.", no_args_is_help=True
+)
+app.add_typer(tunnel_app, name="tunnel")
+files_app = typer.Typer(help="The file server that runs next to vLLM on the GPU node.", no_args_is_help=True)
+app.add_typer(files_app, name="files")
 
 err = Console(stderr=True)
 out = Console()
@@ -109,11 +115,15 @@ def caption(
     source: str = typer.Argument(
         ..., help="Directory of videos (local path; PROFILE:PATH for a cluster path)."
     ),
-    out_dir: Path | None = typer.Option(None, "--out", "-o", help="Output root [default: captions/<model>]."),
+    out_dir: Path | None = typer.Option(
+        None, "--out", "-o", help="Output root (default: captions/<model tag>)."
+    ),
     server: str | None = typer.Option(
         None, "--server", help="OpenAI-compatible URL, e.g. http://host:8000/v1."
     ),
-    model: str | None = typer.Option(None, "--model", help="Served model name [default: the server's]."),
+    model: str | None = typer.Option(
+        None, "--model", help="Served model name (default: the first the server lists)."
+    ),
     prompt: str | None = typer.Option(None, "--prompt", help="Prompt text, or @FILE to read it from a file."),
     concurrency: int | None = typer.Option(None, "--concurrency", "-c", min=1, help="Requests in flight."),
     media: str | None = typer.Option(None, "--media", help="file | http | inline: how video reaches vLLM."),
@@ -151,13 +161,22 @@ def caption(
             api_key_file=api_key_file,
             profile=profile,
         )
-        job, endpoint = options.resolve(cfg, settings)
+        resolved = options.resolve(cfg, settings)
+        job, endpoint = resolved.job, resolved.endpoint
         if dry_run:
-            rows = asyncio.run(dryrun.dry_run(job))
+            if resolved.remote:
+                rows = asyncio.run(remote.plan(cfg, job, *resolved.remote, config_path))
+            else:
+                rows = asyncio.run(dryrun.dry_run(job))
             _render_plan(rows, as_json)
             return
         with ProgressView(err) as progress:
-            summary = asyncio.run(captioner.run(job, endpoint, progress.handle))
+            if resolved.remote:
+                run = remote.caption(cfg, job, *resolved.remote, config_path, progress.handle)
+            else:
+                assert endpoint is not None
+                run = captioner.run(job, endpoint, progress.handle)
+            summary = asyncio.run(run)
     except VidcapError as exc:
         _fail(exc)
     except KeyboardInterrupt:
@@ -272,6 +291,113 @@ class ProgressView:
         elif time.monotonic() - self.last >= self.interval:
             self.last = time.monotonic()
             self.console.print(f"vidcap: {self._stats()}", highlight=False)
+
+
+# -- tunnel -------------------------------------------------------------------------------------------
+
+
+def _profile_name(cfg: config.Config, profile: str | None) -> str:
+    name = profile or cfg.default_profile
+    cfg.profile(name)
+    return name
+
+
+@tunnel_app.command("up")
+def tunnel_up(
+    profile: str | None = ProfileOpt,
+    config_path: Path | None = ConfigOpt,
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Forward localhost ports to the profile's vLLM and file server, in a background process that
+    reconnects by itself. Idempotent: a tunnel that is already up is left as it is."""
+    try:
+        cfg, path = config.load(config_path)
+        name = _profile_name(cfg, profile)
+        state = tunnel.up(name, remote.targets(cfg.profile(name)), path)
+    except VidcapError as exc:
+        _fail(exc)
+    if as_json:
+        print(json.dumps(state, indent=2))
+        return
+    for spec in state["targets"]:
+        t = tunnel.Target.parse(spec)
+        err.print(f"{t.name}: localhost:{t.local_port} -> {t.remote_host}:{t.remote_port}", highlight=False)
+    err.print(f"tunnel {name!r} up (pid {state['pid']}); 'vidcap tunnel down -p {name}' to stop it")
+
+
+@tunnel_app.command("down")
+def tunnel_down(profile: str | None = ProfileOpt, config_path: Path | None = ConfigOpt) -> None:
+    """Stop the profile's tunnel process; no process or state is left behind."""
+    try:
+        cfg, _ = config.load(config_path)
+        name = _profile_name(cfg, profile)
+    except VidcapError as exc:
+        _fail(exc)
+    err.print(f"tunnel {name!r} " + ("stopped" if tunnel.down(name) else "was not up"))
+
+
+@tunnel_app.command("status")
+def tunnel_status(
+    profile: str | None = ProfileOpt,
+    config_path: Path | None = ConfigOpt,
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Up or down, since when, reconnects, and whether each forward answers (vLLM /health)."""
+    try:
+        cfg, _ = config.load(config_path)
+        names = [_profile_name(cfg, profile)] if profile else sorted(cfg.profiles)
+    except VidcapError as exc:
+        _fail(exc)
+    rows = tunnel.status(names)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(title="vidcap tunnels")
+    for col in ("profile", "status", "since", "reconnects", "forwards", "checks"):
+        table.add_column(col)
+    for r in rows:
+        forwards = "\n".join(
+            f"{t.name} :{t.local_port} -> {t.remote_host}:{t.remote_port}"
+            for t in map(tunnel.Target.parse, r.get("targets", []))
+        )
+        checks = " ".join(f"{k}={v}" for k, v in r.get("checks", {}).items())
+        colour = {"up": "green", "down": "red"}.get(r["status"], "yellow")
+        table.add_row(
+            r["profile"],
+            f"[{colour}]{r['status']}[/]",
+            r.get("since", ""),
+            str(r.get("reconnects", "")),
+            forwards,
+            checks,
+        )
+    out.print(table)
+
+
+# -- files ----------------------------------------------------------------------------------------------
+
+
+@files_app.command("serve")
+def files_serve(
+    directory: Path = typer.Argument(..., help="Root to serve: nothing outside it is reachable."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (loopback unless told otherwise)."),
+    port: int = typer.Option(0, "--port", help="Port; 0 picks a free one (see --port-file)."),
+    token_file: Path | None = typer.Option(
+        None, "--token-file", help="Token file (created 0600 if missing)."
+    ),
+    port_file: Path | None = typer.Option(None, "--port-file", help="Write the bound port here."),
+) -> None:
+    """Serve listings, probes, byte ranges, audio spans and frames of DIR to vidcap and vLLM; every URL
+    carries the token. Runs until SIGTERM/SIGINT."""
+    from vidcap import fileserver
+
+    if not directory.is_dir():
+        _fail(UsageError(f"{directory} is not a directory"))
+    token = fileserver.load_or_create_token(token_file)
+
+    def ready(bound: int) -> None:
+        err.print(f"vidcap file server on {host}:{bound}, root {directory.resolve()}", highlight=False)
+
+    fileserver.serve(directory, host=host, port=port, token=token, port_file=port_file, ready=ready)
 
 
 # -- report -------------------------------------------------------------------------------------------

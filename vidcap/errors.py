@@ -6,6 +6,9 @@
     ├── OutputLockedError        another run holds the output directory       -> exit 2
     ├── ServerUnreachableError   the model server cannot be reached (or stayed away too long) -> exit 3
     ├── ServerError              the server answered, but not as vLLM should  -> exit 3
+    ├── TransportError           SSH: cannot connect, a remote command failed   -> exit 3
+    │   └── HostKeyError         the host key is unknown or CHANGED: refused, never auto-added
+    ├── TunnelError              a tunnel cannot be started or kept             -> exit 3
     └── MediaError               one video cannot be used (corrupt, empty, not a video, ...);
                                  never ends a run: it becomes a line in failures.jsonl
 
@@ -38,6 +41,18 @@ class ServerUnreachableError(VidcapError):
 
 
 class ServerError(VidcapError):
+    exit_code = 3
+
+
+class TransportError(VidcapError):
+    exit_code = 3
+
+
+class HostKeyError(TransportError):
+    pass
+
+
+class TunnelError(VidcapError):
     exit_code = 3
 
 

@@ -69,14 +69,18 @@ def read_api_key(path: Path | None) -> str | None:
     return os.environ.get("VIDCAP_API_KEY") or None
 
 
-def resolve(cfg: Config, s: Settings) -> tuple[CaptionJob, Endpoint]:
+@dataclass(frozen=True)
+class Resolved:
+    job: CaptionJob
+    endpoint: Endpoint | None  # None for a cluster source: the tunnel decides the URL
+    remote: tuple[str, str] | None = None  # (profile, cluster path)
+
+
+def resolve(cfg: Config, s: Settings) -> Resolved:
     remote, path = split_source(s.source, cfg)
-    if remote is not None:
-        raise UsageError(
-            f"remote sources ({remote}:...) need the cluster transport, which this version does not "
-            "have yet; caption a local directory, or run vidcap on the cluster"
-        )
-    profile = cfg.profile(s.profile)
+    if remote is not None and s.profile and s.profile != remote:
+        raise UsageError(f"SOURCE names profile {remote!r} but --profile says {s.profile!r}")
+    profile = cfg.profile(remote or s.profile)
     cap, srv = profile.caption, profile.server
     media = s.media or cap.media
     audio = s.audio or cap.audio
@@ -88,14 +92,17 @@ def resolve(cfg: Config, s: Settings) -> tuple[CaptionJob, Endpoint]:
         shard = parse_shard(s.shard)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
-    source = Path(path).expanduser()
-    if not source.is_dir():
-        raise UsageError(f"source {source} is not a directory")
+    if remote is None:
+        if media == "http":
+            raise UsageError("--media http needs a cluster source (PROFILE:PATH) and its file server")
+        local = Path(path).expanduser()
+        if not local.is_dir():
+            raise UsageError(f"source {local} is not a directory")
     model = s.model or srv.served_name
     out = s.out or (Path(cap.out) if cap.out else Path("captions") / model_tag(s.model or srv.model))
     url = s.server or srv.url or f"http://127.0.0.1:{srv.local_vllm_port}/v1"
     job = CaptionJob(
-        source=source.resolve(),
+        source=local.resolve() if remote is None else f"{remote}:{path}",
         out=out.expanduser().resolve(),
         prompt=read_prompt(s.prompt, cap.prompt),
         sampling=cap.sampling,
@@ -117,4 +124,6 @@ def resolve(cfg: Config, s: Settings) -> tuple[CaptionJob, Endpoint]:
         retry_max_seconds=cap.retry_max_seconds,
         server_wait=cap.server_wait,
     )
-    return job, Endpoint(normalize_url(url), read_api_key(s.api_key_file))
+    if remote is not None:
+        return Resolved(job, None, (remote, path))
+    return Resolved(job, Endpoint(normalize_url(url), read_api_key(s.api_key_file)))

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import posixpath
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from vidcap import media
 from vidcap.discovery import Entry, Problem, shard_of, walk
@@ -113,3 +114,73 @@ class LocalSource:
 
 def _probe(path: str, audio: bool) -> media.Probe:
     return media.probe(path, audio=audio)
+
+
+class RemoteSource:
+    """A directory on the cluster, listed and probed by the file server on the GPU node.
+
+    Media the server can read on its own node stay there: ``file`` sends the cluster path (vLLM reads it
+    under --allowed-local-media-path), ``http`` the file server's URL on that node; only the frames of
+    windows (and everything with ``inline``) cross the link, as JPEG.
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        *,
+        label: str,
+        root: str,
+        subdir: str,
+        node_files_port: int,
+        token: str,
+        extensions: tuple[str, ...],
+        mode: Literal["file", "http", "inline"] = "file",
+    ) -> None:
+        self.client, self.label, self.root, self.subdir = client, label, root, subdir.strip("/")
+        self.node_files_port, self.extensions, self.mode = node_files_port, extensions, mode
+        self._token = token
+
+    def _path(self, rel: str) -> str:
+        return f"{self.subdir}/{rel}" if self.subdir else rel
+
+    def _node(self, route: str, rel: str, **query: float) -> str:
+        from vidcap.filesclient import node_url
+
+        return node_url(self.node_files_port, self._token, route, self._path(rel), **query)
+
+    async def batches(self, shard: tuple[int, int] | None) -> AsyncIterator[list[Item]]:
+        batch: list[Item] = []
+        async for item in self.client.list(self.subdir, self.extensions):
+            if in_shard(item, shard):
+                batch.append(item)
+            if len(batch) >= BATCH:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+    async def count(self, shard: tuple[int, int] | None) -> int | None:
+        return None  # a second listing over the link costs more than an early total is worth
+
+    async def probe(self, entry: Entry, audio: bool) -> media.Probe:
+        return await self.client.probe(self._path(entry.rel), audio)
+
+    async def media(self, entry: Entry, probe: media.Probe, plan: Plan, win: Window) -> MediaParts:
+        rel = self._path(entry.rel)
+        span = {"start": win.start_s, "end": win.end_s}
+        if self.mode == "inline":
+            inline = await self.client.frames(rel, win.start_s, win.end_s, plan.fps, plan.max_pixels)
+            audio = await self.client.audio_data_url(rel, win.start_s, win.end_s) if plan.audio else None
+            return MediaParts(inline.video_url, inline.num_frames, audio, "inline")
+        audio_url = self._node("audio", entry.rel, **span) if plan.audio else None
+        if plan.windowed:
+            inline = await self.client.frames(rel, win.start_s, win.end_s, plan.fps, plan.max_pixels)
+            return MediaParts(inline.video_url, inline.num_frames, audio_url, "inline")
+        if self.mode == "file":
+            return MediaParts(
+                media.file_url(posixpath.join(self.root, rel)), win.num_frames, audio_url, "file"
+            )
+        return MediaParts(self._node("f", entry.rel), win.num_frames, audio_url, "http")
+
+    async def close(self) -> None:
+        await self.client.close()

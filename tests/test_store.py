@@ -62,6 +62,13 @@ def test_non_utf8_name_is_a_clear_problem(tmp_path: Path) -> None:
     items.rel.encode("utf-8")
 
 
+def test_non_utf8_broken_link_is_printable(tmp_path: Path) -> None:
+    os.symlink(b"/nowhere", os.fsencode(tmp_path) + b"/gone\xff.mp4")
+    (item,) = list(discovery.walk(tmp_path, EXTS))
+    assert isinstance(item, discovery.Problem) and item.kind == "unreadable"
+    item.rel.encode("utf-8")
+
+
 def test_lock_excludes_a_second_writer(tmp_path: Path) -> None:
     store = OutputDir(tmp_path / "out")
     with (

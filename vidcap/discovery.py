@@ -58,8 +58,21 @@ def _utf8(text: str) -> bool:
     return True
 
 
+def printable(rel: str) -> str:
+    """A name that JSON can hold: undecodable bytes shown as \\xNN."""
+    return rel if _utf8(rel) else rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def walk(root: Path, extensions: Iterable[str]) -> Iterator[Entry | Problem]:
-    """Videos under ``root`` by extension, in sorted order, following symlinks but never in a loop."""
+    """Videos under ``root`` by extension, in sorted order, following symlinks but never in a loop.
+    Problem names are always printable; an Entry whose name is not UTF-8 becomes a Problem."""
+    for item in _walk(root, extensions):
+        if isinstance(item, Problem) and not _utf8(item.rel):
+            item = Problem(printable(item.rel), item.kind, item.message, item.video)
+        yield item
+
+
+def _walk(root: Path, extensions: Iterable[str]) -> Iterator[Entry | Problem]:
     exts = tuple(e.lower() for e in extensions)
     top = os.stat(root)
     seen = {(top.st_dev, top.st_ino)}
@@ -93,8 +106,7 @@ def walk(root: Path, extensions: Iterable[str]) -> Iterator[Entry | Problem]:
             elif stat.S_ISREG(st.st_mode) and item.name.lower().endswith(exts):
                 if not _utf8(rel):
                     # Records are JSON (UTF-8): such a name cannot be written as it is. Say so, escaped.
-                    shown = rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-                    yield Problem(shown, "bad_name", "file name is not valid UTF-8; rename the file", True)
+                    yield Problem(rel, "bad_name", "file name is not valid UTF-8; rename the file", True)
                     continue
                 yield Entry(item.path, rel, st.st_size, st.st_mtime)
         stack.extend(reversed(subdirs))

@@ -211,25 +211,37 @@ def encode_inline(
 
 def encode_audio(path: str, start_s: float, end_s: float) -> tuple[str | None, float]:
     """16 kHz mono 16-bit WAV of a span as a data URL; (None, 0) when the file has no audio there."""
+    samples = _audio_samples(path, start_s, end_s)
+    if samples is None:
+        return None, 0.0
+    return wav_data_url(samples), samples.size / AUDIO_RATE
+
+
+def audio_wav(path: str, start_s: float = 0.0, end_s: float | None = None) -> bytes | None:
+    """WAV file bytes (16 kHz mono 16-bit) of a span, to the end when ``end_s`` is None; None: no audio."""
+    samples = _audio_samples(path, start_s, end_s)
+    return None if samples is None else wav_bytes(samples)
+
+
+def _audio_samples(path: str, start_s: float, end_s: float | None) -> np.ndarray | None:
     decord = _decord()
     try:
         reader = decord.AudioReader(path, sample_rate=AUDIO_RATE, mono=True)
     except Exception:
-        return None, 0.0
+        return None
     total = reader.shape[1]
-    a, b = int(start_s * AUDIO_RATE), min(total, math.ceil(end_s * AUDIO_RATE))
+    a = int(start_s * AUDIO_RATE)
+    b = total if end_s is None else min(total, math.ceil(end_s * AUDIO_RATE))
     if b - a < AUDIO_RATE // 10:
-        return None, 0.0
+        return None
     try:
-        samples = reader[a:b].asnumpy().reshape(-1)
+        return reader[a:b].asnumpy().reshape(-1)
     except Exception as exc:
-        raise MediaError(
-            "decode_failed", f"could not decode audio {start_s:.1f}-{end_s:.1f} s: {exc}"
-        ) from exc
-    return wav_data_url(samples), (b - a) / AUDIO_RATE
+        end = f"{end_s:.1f}" if end_s is not None else "end"
+        raise MediaError("decode_failed", f"could not decode audio {start_s:.1f}-{end} s: {exc}") from exc
 
 
-def wav_data_url(samples: np.ndarray) -> str:
+def wav_bytes(samples: np.ndarray) -> bytes:
     pcm = (np.clip(samples, -1.0, 1.0) * 32767).astype("<i2").tobytes()
     buf = io.BytesIO()
     with wave.open(buf, "wb") as wav:
@@ -237,7 +249,11 @@ def wav_data_url(samples: np.ndarray) -> str:
         wav.setsampwidth(2)
         wav.setframerate(AUDIO_RATE)
         wav.writeframes(pcm)
-    return "data:audio/wav;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    return buf.getvalue()
+
+
+def wav_data_url(samples: np.ndarray) -> str:
+    return "data:audio/wav;base64," + base64.b64encode(wav_bytes(samples)).decode("ascii")
 
 
 def _quiet_worker() -> None:

@@ -59,10 +59,14 @@ def read_secrets(transport: object, path: str) -> Secrets:
 
 
 def remote_abs(transport: object, path: str) -> str:
-    if posixpath.isabs(path):
-        return posixpath.normpath(path)
-    home = transport.run(["pwd"]).stdout.decode().strip()  # type: ignore[attr-defined]
-    return posixpath.normpath(posixpath.join(home, path))
+    """The canonical cluster path (relative = under the login home), as the file server's realpath root
+    sees it: a dataset reached through a symlink must still land under that root."""
+    done = transport.run(["realpath", "-m", "--", path or "."], check=False)  # type: ignore[attr-defined]
+    if done.returncode != 0:
+        raise TransportError(
+            f"cannot resolve {path!r} on the cluster: {done.stderr.decode(errors='replace')}"
+        )
+    return done.stdout.decode().strip()
 
 
 @contextlib.asynccontextmanager

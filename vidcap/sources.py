@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
+from urllib.parse import quote
 
 from vidcap import media
 from vidcap.discovery import Entry, Problem, shard_of, walk
@@ -177,9 +178,9 @@ class RemoteSource:
             inline = await self.client.frames(rel, win.start_s, win.end_s, plan.fps, plan.max_pixels)
             return MediaParts(inline.video_url, inline.num_frames, audio_url, "inline")
         if self.mode == "file":
-            return MediaParts(
-                media.file_url(posixpath.join(self.root, rel)), win.num_frames, audio_url, "file"
-            )
+            # a cluster path: quoted as POSIX, never passed through this machine's path functions
+            url = "file://" + quote(posixpath.join(self.root, rel), safe="/")
+            return MediaParts(url, win.num_frames, audio_url, "file")
         return MediaParts(self._node("f", entry.rel), win.num_frames, audio_url, "http")
 
     async def close(self) -> None:

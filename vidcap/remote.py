@@ -78,6 +78,7 @@ async def open_remote(
     config_path: Path | None,
     extensions: tuple[str, ...],
     mode: str,
+    wait: float = 900.0,
 ) -> AsyncIterator[tuple[Endpoint, RemoteSource]]:
     from vidcap.filesclient import FilesClient
     from vidcap.transport import connect
@@ -108,6 +109,7 @@ async def open_remote(
             token=secrets.files_token,
             extensions=extensions,
             mode=mode,  # type: ignore[arg-type]
+            wait=wait,
         )
         yield Endpoint(f"http://127.0.0.1:{ports['vllm']}/v1", secrets.api_key), source
     finally:
@@ -119,7 +121,13 @@ async def caption(
     cfg: Config, job: CaptionJob, profile_name: str, path: str, config_path: Path | None, sink: EventSink
 ) -> RunSummary:
     async with open_remote(
-        cfg, profile_name, path, config_path=config_path, extensions=job.extensions, mode=job.media
+        cfg,
+        profile_name,
+        path,
+        config_path=config_path,
+        extensions=job.extensions,
+        mode=job.media,
+        wait=job.server_wait,
     ) as (endpoint, source):
         return await captioner.run(job, endpoint, sink, source)
 

@@ -7,17 +7,20 @@ from __future__ import annotations
 import asyncio
 import itertools
 import posixpath
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 from urllib.parse import quote
 
 from vidcap import media
 from vidcap.discovery import Entry, Problem, shard_of, walk
+from vidcap.errors import ServerError, ServerUnreachableError
 from vidcap.windows import Plan, Window
 
 BATCH = 256
+T = TypeVar("T")
 Item = Entry | Problem
 
 
@@ -136,10 +139,24 @@ class RemoteSource:
         token: str,
         extensions: tuple[str, ...],
         mode: Literal["file", "http", "inline"] = "file",
+        wait: float = 900.0,
     ) -> None:
         self.client, self.label, self.root, self.subdir = client, label, root, subdir.strip("/")
         self.node_files_port, self.extensions, self.mode = node_files_port, extensions, mode
+        self.wait = wait
         self._token = token
+
+    async def _call(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """A file-server call that waits out a tunnel reconnecting, like the vLLM gate does."""
+        deadline, delay = time.monotonic() + self.wait, 0.5
+        while True:
+            try:
+                return await fn(*args)
+            except ServerUnreachableError:
+                if time.monotonic() + delay > deadline:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
 
     def _path(self, rel: str) -> str:
         return f"{self.subdir}/{rel}" if self.subdir else rel
@@ -149,9 +166,30 @@ class RemoteSource:
 
         return node_url(self.node_files_port, self._token, route, self._path(rel), **query)
 
+    async def _listing(self) -> AsyncIterator[Item]:
+        """The listing, resumed after the last item delivered when the link drops in the middle
+        (the server lists in a stable sorted order)."""
+        last: str | None = None
+        deadline, delay = time.monotonic() + self.wait, 0.5
+        while True:
+            skipping = last is not None
+            try:
+                async for item in self.client.list(self.subdir, self.extensions):
+                    if skipping:
+                        skipping = item.rel != last
+                        continue
+                    last = item.rel
+                    yield item
+                return
+            except (ServerUnreachableError, ServerError):
+                if time.monotonic() + delay > deadline:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
     async def batches(self, shard: tuple[int, int] | None) -> AsyncIterator[list[Item]]:
         batch: list[Item] = []
-        async for item in self.client.list(self.subdir, self.extensions):
+        async for item in self._listing():
             if in_shard(item, shard):
                 batch.append(item)
             if len(batch) >= BATCH:
@@ -164,18 +202,24 @@ class RemoteSource:
         return None  # a second listing over the link costs more than an early total is worth
 
     async def probe(self, entry: Entry, audio: bool) -> media.Probe:
-        return await self.client.probe(self._path(entry.rel), audio)
+        return await self._call(self.client.probe, self._path(entry.rel), audio)
 
     async def media(self, entry: Entry, probe: media.Probe, plan: Plan, win: Window) -> MediaParts:
         rel = self._path(entry.rel)
         span = {"start": win.start_s, "end": win.end_s}
         if self.mode == "inline":
-            inline = await self.client.frames(rel, win.start_s, win.end_s, plan.fps, plan.max_pixels)
-            audio = await self.client.audio_data_url(rel, win.start_s, win.end_s) if plan.audio else None
+            inline = await self._call(
+                self.client.frames, rel, win.start_s, win.end_s, plan.fps, plan.max_pixels
+            )
+            audio = None
+            if plan.audio:
+                audio = await self._call(self.client.audio_data_url, rel, win.start_s, win.end_s)
             return MediaParts(inline.video_url, inline.num_frames, audio, "inline")
         audio_url = self._node("audio", entry.rel, **span) if plan.audio else None
         if plan.windowed:
-            inline = await self.client.frames(rel, win.start_s, win.end_s, plan.fps, plan.max_pixels)
+            inline = await self._call(
+                self.client.frames, rel, win.start_s, win.end_s, plan.fps, plan.max_pixels
+            )
             return MediaParts(inline.video_url, inline.num_frames, audio_url, "inline")
         if self.mode == "file":
             # a cluster path: quoted as POSIX, never passed through this machine's path functions

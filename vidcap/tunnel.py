@@ -67,6 +67,10 @@ def _now() -> str:
 
 
 def _alive(pid: int) -> bool:
+    # When this process started the tunnel (caption does), a finished one is our zombie until reaped.
+    with contextlib.suppress(ChildProcessError):
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -122,7 +122,6 @@ class _Run:
         self.chash = ""
         self.server = ServerInfo()
         self.requester: Requester
-        self.slots: asyncio.Semaphore
 
     # -- per video ----------------------------------------------------------------------------------
 
@@ -257,8 +256,7 @@ class _Run:
         return reply, parts.kind
 
     async def _send(self, body: dict[str, Any]) -> Reply:
-        async with self.slots:
-            return await self.requester.complete(body)
+        return await self.requester.complete(body)
 
     async def _verify_audio(self, body: dict[str, Any], with_audio: Reply) -> bool | None:
         """Same request without the audio item: if the prompt does not shrink, the server drops audio."""
@@ -420,12 +418,12 @@ async def _run(job: CaptionJob, endpoint: Endpoint, sink: EventSink, source: Sou
         state.requester = Requester(
             endpoint,
             Gate(endpoint, job.server_wait),
+            slots=job.concurrency,
             timeout=job.request_timeout,
             max_attempts=job.max_attempts,
             max_seconds=job.retry_max_seconds,
             wait_max=job.retry_wait_max,
         )
-        state.slots = asyncio.Semaphore(job.concurrency)
         reason = None
         try:
             reason = await _supervise(state, job.concurrency + 2 * (os.cpu_count() or 2))

@@ -12,7 +12,7 @@
     └── MediaError               one video cannot be used (corrupt, empty, not a video, ...);
                                  never ends a run: it becomes a line in failures.jsonl
 
-Library exceptions (decord, openai, httpx, OSError) are translated where they enter, with ``from exc``.
+Library exceptions (decord, paramiko, httpx, OSError) are translated where they enter, with ``from exc``.
 """
 
 from __future__ import annotations

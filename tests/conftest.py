@@ -13,6 +13,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import videos
 
+pytest_plugins = ["sshd"]  # the real-sshd fixtures (tests/sshd.py)
+
 
 @pytest.fixture(autouse=True)
 def _vidcap_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:

@@ -67,12 +67,19 @@ class Stats:
 
     def snapshot(self, waiting: int) -> dict[str, Any]:
         return {
-            "requests": self.requests, "completed": self.completed,
+            "requests": self.requests,
+            "completed": self.completed,
             "errors": {str(k): v for k, v in sorted(self.errors.items())},
-            "dropped": self.dropped, "cancelled": self.cancelled,
-            "in_flight": self.in_flight, "waiting": waiting, "max_in_flight": self.max_in_flight,
+            "dropped": self.dropped,
+            "cancelled": self.cancelled,
+            "in_flight": self.in_flight,
+            "waiting": waiting,
+            "max_in_flight": self.max_in_flight,
             "busy_slot_seconds": self.busy_slot_seconds,
-            "first_request_ts": self.first_request_ts, "last_response_ts": self.last_response_ts,
-            "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-            "by_video": dict(self.by_video), "by_video_overflow": self.by_video_overflow,
+            "first_request_ts": self.first_request_ts,
+            "last_response_ts": self.last_response_ts,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "by_video": dict(self.by_video),
+            "by_video_overflow": self.by_video_overflow,
         }

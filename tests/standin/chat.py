@@ -13,12 +13,36 @@ from typing import Any
 from .media import Audio, Picture, Video
 
 # Fields vLLM's ChatCompletionRequest understands that the stand-in accepts without comment.
-KNOWN_FIELDS = frozenset({
-    "model", "messages", "media_io_kwargs", "mm_processor_kwargs", "chat_template_kwargs", "max_tokens",
-    "max_completion_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed",
-    "presence_penalty", "frequency_penalty", "stream", "n", "stop", "user", "logprobs", "top_logprobs",
-    "skip_special_tokens", "ignore_eos", "min_tokens", "request_id", "priority",
-})
+KNOWN_FIELDS = frozenset(
+    {
+        "model",
+        "messages",
+        "media_io_kwargs",
+        "mm_processor_kwargs",
+        "chat_template_kwargs",
+        "max_tokens",
+        "max_completion_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "repetition_penalty",
+        "seed",
+        "presence_penalty",
+        "frequency_penalty",
+        "stream",
+        "n",
+        "stop",
+        "user",
+        "logprobs",
+        "top_logprobs",
+        "skip_special_tokens",
+        "ignore_eos",
+        "min_tokens",
+        "request_id",
+        "priority",
+    }
+)
 PART_KINDS = {"video_url": "video", "audio_url": "audio", "image_url": "image", "input_audio": "audio"}
 
 
@@ -43,8 +67,8 @@ class MediaRef:
 
 @dataclass(slots=True)
 class ChatRequest:
-    texts: list[str]           # every text item of every message, for token counting
-    prompt: str                # the user's text, which the reply quotes
+    texts: list[str]  # every text item of every message, for token counting
+    prompt: str  # the user's text, which the reply quotes
     media: list[MediaRef]
     max_tokens: int | None
     num_frames: int | None
@@ -151,7 +175,7 @@ def _video_kwargs(kwargs: Any) -> tuple[int | None, float | None]:
     if kwargs is None:
         return None, None
     if not isinstance(kwargs, dict):
-        raise bad("'media_io_kwargs' must be an object like {\"video\": {\"num_frames\": 32}}.")
+        raise bad('\'media_io_kwargs\' must be an object like {"video": {"num_frames": 32}}.')
     video = kwargs.get("video")
     if video is None:
         return None, None
@@ -196,8 +220,10 @@ def reply_text(prompt: str, video: Video | None, audio: Audio | None, picture: P
     sound = f"sound {audio.duration_s:.1f} s, loudness {audio.rms:.3f}" if audio else ""
     if video is not None:
         r, g, b = video.mean_rgb
-        text = (f"A {video.duration_s:.1f}-second clip, {video.n_frames} frames at "
-                f"{video.width}x{video.height}, mean colour ({r},{g},{b})")
+        text = (
+            f"A {video.duration_s:.1f}-second clip, {video.n_frames} frames at "
+            f"{video.width}x{video.height}, mean colour ({r},{g},{b})"
+        )
         if sound:
             text += "; " + sound
     elif picture is not None:

@@ -31,8 +31,12 @@ _UNAUTHORIZED = b'{"error":"Unauthorized"}'
 _NOT_FOUND = b'{"detail":"Not Found"}'
 _NOT_ALLOWED = b'{"detail":"Method Not Allowed"}'
 _ROUTES = {
-    "/health": "GET", "/version": "GET", "/v1/models": "GET", "/v1/chat/completions": "POST",
-    "/stats": "GET", "/stats/reset": "POST",
+    "/health": "GET",
+    "/version": "GET",
+    "/v1/models": "GET",
+    "/v1/chat/completions": "POST",
+    "/stats": "GET",
+    "/stats/reset": "POST",
 }
 
 
@@ -42,8 +46,9 @@ class _Protocol(asyncio.StreamReaderProtocol):
 
     def __init__(self, core: Core) -> None:
         loop = asyncio.get_running_loop()
-        super().__init__(asyncio.StreamReader(limit=wire.MAX_HEAD_BYTES, loop=loop), core.serve_connection,
-                         loop=loop)
+        super().__init__(
+            asyncio.StreamReader(limit=wire.MAX_HEAD_BYTES, loop=loop), core.serve_connection, loop=loop
+        )
         self.loop = loop
         self.task: asyncio.Task[None] | None = None
         self.busy = False
@@ -115,8 +120,9 @@ class Core:
         if self._pool is None:
             workers = self.options.decode_workers or min(32, (os.cpu_count() or 1) + 4)
             self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="standin-decode")
-        server = await loop.create_server(lambda: _Protocol(self), self.options.host, self.port,
-                                          reuse_address=True, backlog=2048)
+        server = await loop.create_server(
+            lambda: _Protocol(self), self.options.host, self.port, reuse_address=True, backlog=2048
+        )
         self._server = server
         self.port = server.sockets[0].getsockname()[1]
         if self._sweeper is None:
@@ -195,8 +201,9 @@ class Core:
                 try:
                     req = await wire.read_request(reader, writer)
                 except wire.HTTPError as exc:
-                    writer.write(wire.render(exc.status, wire.error_body(exc.status, exc.message),
-                                             keep_alive=False))
+                    writer.write(
+                        wire.render(exc.status, wire.error_body(exc.status, exc.message), keep_alive=False)
+                    )
                     break
                 if req is None:
                     break
@@ -206,8 +213,9 @@ class Core:
                     writer.transport.abort()
                     return
                 status, body = reply
-                writer.write(wire.render(status, body, keep_alive=req.keep_alive,
-                                         http10=req.version == "HTTP/1.0"))
+                writer.write(
+                    wire.render(status, body, keep_alive=req.keep_alive, http10=req.version == "HTTP/1.0")
+                )
                 await writer.drain()
                 proto.last_active = proto.loop.time()
                 if not req.keep_alive:
@@ -257,16 +265,36 @@ class Core:
     def _models(self) -> dict[str, Any]:
         now = int(time.time())
         name = self.options.served_name
-        return {"object": "list", "data": [{
-            "id": name, "object": "model", "created": now, "owned_by": "vllm", "root": self.options.model,
-            "parent": None, "max_model_len": self.options.max_model_len,
-            "permission": [{
-                "id": f"modelperm-{uuid.uuid4().hex}", "object": "model_permission", "created": now,
-                "allow_create_engine": False, "allow_sampling": True, "allow_logprobs": True,
-                "allow_search_indices": False, "allow_view": True, "allow_fine_tuning": False,
-                "organization": "*", "group": None, "is_blocking": False,
-            }],
-        }]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": name,
+                    "object": "model",
+                    "created": now,
+                    "owned_by": "vllm",
+                    "root": self.options.model,
+                    "parent": None,
+                    "max_model_len": self.options.max_model_len,
+                    "permission": [
+                        {
+                            "id": f"modelperm-{uuid.uuid4().hex}",
+                            "object": "model_permission",
+                            "created": now,
+                            "allow_create_engine": False,
+                            "allow_sampling": True,
+                            "allow_logprobs": True,
+                            "allow_search_indices": False,
+                            "allow_view": True,
+                            "allow_fine_tuning": False,
+                            "organization": "*",
+                            "group": None,
+                            "is_blocking": False,
+                        }
+                    ],
+                }
+            ],
+        }
 
     # ---- chat --------------------------------------------------------------------------------------
 
@@ -348,7 +376,8 @@ class Core:
 
         if parsed.media and self._source.decode:
             prep = await asyncio.get_running_loop().run_in_executor(
-                self._pool, _prepare, parsed, self._source, o.video_max_pixels, o.drop_audio)
+                self._pool, _prepare, parsed, self._source, o.video_max_pixels, o.drop_audio
+            )
         else:
             prep = _prepare(parsed, self._source, o.video_max_pixels, o.drop_audio)
         out.video, out.audio = prep.video_key, prep.audio_key
@@ -362,19 +391,36 @@ class Core:
 
         await self._occupy_slot()
         out.completion_tokens, out.finish_reason = completion, finish
-        return 200, wire.dumps({
-            "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-            "model": o.served_name,
-            "choices": [{
-                "index": 0,
-                "message": {"role": "assistant", "content": text, "reasoning_content": None,
-                            "tool_calls": []},
-                "logprobs": None, "finish_reason": finish, "stop_reason": None,
-            }],
-            "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
-                      "total_tokens": prompt + completion, "prompt_tokens_details": None},
-            "system_fingerprint": None, "prompt_logprobs": None,
-        })
+        return 200, wire.dumps(
+            {
+                "id": f"chatcmpl-{uuid.uuid4().hex}",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": o.served_name,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {
+                            "role": "assistant",
+                            "content": text,
+                            "reasoning_content": None,
+                            "tool_calls": [],
+                        },
+                        "logprobs": None,
+                        "finish_reason": finish,
+                        "stop_reason": None,
+                    }
+                ],
+                "usage": {
+                    "prompt_tokens": prompt,
+                    "completion_tokens": completion,
+                    "total_tokens": prompt + completion,
+                    "prompt_tokens_details": None,
+                },
+                "system_fingerprint": None,
+                "prompt_logprobs": None,
+            }
+        )
 
     async def _occupy_slot(self) -> None:
         """Wait for a slot (FIFO), hold it for the configured latency, release it."""
@@ -411,12 +457,22 @@ class Core:
             self._log_file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - kept open on purpose
             self._log_path = path
         assert self._log_file is not None
-        self._log_file.write(json.dumps({
-            "ts": time.time(), "status": out.status, "outcome": outcome, "video": out.video,
-            "audio": out.audio, "prompt_tokens": out.prompt_tokens,
-            "completion_tokens": out.completion_tokens, "finish_reason": out.finish_reason,
-            "latency": round(time.perf_counter() - started, 6),
-        }) + "\n")
+        self._log_file.write(
+            json.dumps(
+                {
+                    "ts": time.time(),
+                    "status": out.status,
+                    "outcome": outcome,
+                    "video": out.video,
+                    "audio": out.audio,
+                    "prompt_tokens": out.prompt_tokens,
+                    "completion_tokens": out.completion_tokens,
+                    "finish_reason": out.finish_reason,
+                    "latency": round(time.perf_counter() - started, 6),
+                }
+            )
+            + "\n"
+        )
         self._log_file.flush()
 
 
@@ -452,8 +508,9 @@ def _prepare(req: chat.ChatRequest, src: media.Source, max_pixels: int, drop_aud
         first.setdefault(ref.kind, item)
         keys.setdefault(ref.kind, media.media_key(ref.url))
     audio = None if drop_audio else first.get("audio")
-    return _Prepared(keys.get("video"), keys.get("audio"), first.get("video"), audio, first.get("image"),
-                     counts)
+    return _Prepared(
+        keys.get("video"), keys.get("audio"), first.get("video"), audio, first.get("image"), counts
+    )
 
 
 def _write_atomic(path: str, text: str) -> None:

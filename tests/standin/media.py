@@ -93,8 +93,9 @@ def local_path(url: str, allowed_root: Path | None) -> Path:
         raise MediaError(f"file URL {url!r} has a host part {spec.netloc!r}; use file:///absolute/path")
     path = Path(url2pathname(spec.path))
     if allowed_root not in path.resolve().parents:
-        raise MediaError(f"The file path {path} must be a subpath of `--allowed-local-media-path` "
-                         f"{allowed_root}.")
+        raise MediaError(
+            f"The file path {path} must be a subpath of `--allowed-local-media-path` {allowed_root}."
+        )
     return path
 
 
@@ -139,6 +140,7 @@ def _scheme(url: str) -> str:
 
 # ---- video ---------------------------------------------------------------------------------------
 
+
 def load_video(url: str, src: Source, num_frames: int | None, fps: float | None) -> Video:
     scheme = _scheme(url)
     if scheme == "data":
@@ -168,8 +170,9 @@ def _assumed_video(num_frames: int | None, fps: float | None) -> Video:
 
 
 @functools.lru_cache(maxsize=1024)
-def _decode_video_file(path: str, size: int, mtime_ns: int, num_frames: int | None,
-                       fps: float | None) -> Video:
+def _decode_video_file(
+    path: str, size: int, mtime_ns: int, num_frames: int | None, fps: float | None
+) -> Video:
     # Keyed on size and mtime so a rewritten file is decoded again; benchmarks re-send the same files.
     del size, mtime_ns
     return _decode_video(path, path, num_frames, fps)
@@ -187,7 +190,7 @@ def _decode_video(source: str | io.BytesIO, name: str, num_frames: int | None, f
         height = width = 0
         # Batches of 8 keep memory flat for long 4K clips; the sums only need every 4th pixel.
         for start in range(0, len(indices), 8):
-            batch = reader.get_batch(indices[start:start + 8]).asnumpy()
+            batch = reader.get_batch(indices[start : start + 8]).asnumpy()
             height, width = batch.shape[1:3]
             sums += batch[:, ::4, ::4].reshape(-1, 3).mean(axis=0) * len(batch)
     except Exception as exc:  # decord raises RuntimeError, DECORDError, AssertionError, IndexError
@@ -198,8 +201,9 @@ def _decode_video(source: str | io.BytesIO, name: str, num_frames: int | None, f
 def _jpeg_frames(payload: str, fps: float | None, decode: bool) -> Video:
     frames = payload.split(",")
     if not decode:
-        return Video(len(frames), ASSUMED_WIDTH, ASSUMED_HEIGHT, len(frames) / (fps or ASSUMED_FPS),
-                     NEUTRAL_RGB)
+        return Video(
+            len(frames), ASSUMED_WIDTH, ASSUMED_HEIGHT, len(frames) / (fps or ASSUMED_FPS), NEUTRAL_RGB
+        )
     size: tuple[int, int] | None = None
     sums = np.zeros(3)
     for i, frame in enumerate(frames):
@@ -208,8 +212,10 @@ def _jpeg_frames(payload: str, fps: float | None, decode: bool) -> Video:
         except MediaError as exc:
             raise MediaError(f"Failed to load video from data URL: frame {i}: {exc}") from exc
         if size is not None and (picture.width, picture.height) != size:
-            raise MediaError(f"Failed to load video from data URL: frame {i} is "
-                             f"{picture.width}x{picture.height}, frame 0 is {size[0]}x{size[1]}")
+            raise MediaError(
+                f"Failed to load video from data URL: frame {i} is "
+                f"{picture.width}x{picture.height}, frame 0 is {size[0]}x{size[1]}"
+            )
         size = (picture.width, picture.height)
         sums += picture.mean_rgb
     assert size is not None
@@ -217,6 +223,7 @@ def _jpeg_frames(payload: str, fps: float | None, decode: bool) -> Video:
 
 
 # ---- images --------------------------------------------------------------------------------------
+
 
 def _decode_picture(data: bytes) -> Picture:
     try:
@@ -250,6 +257,7 @@ def load_image(url: str, src: Source) -> Picture:
 
 # ---- audio ---------------------------------------------------------------------------------------
 
+
 def load_audio(url: str, src: Source) -> Audio:
     scheme = _scheme(url)
     name = media_key(url)
@@ -281,8 +289,10 @@ def _wav(stream: io.BufferedIOBase | io.BytesIO, name: str, *, header_only: bool
             rate, width, channels, n = w.getframerate(), w.getsampwidth(), w.getnchannels(), w.getnframes()
             raw = b"" if header_only else w.readframes(n)
     except (wave.Error, EOFError, OSError, ValueError) as exc:
-        raise MediaError(f"Failed to load audio from {name}: not a WAV file the stand-in can read "
-                         f"({exc or type(exc).__name__})") from exc
+        raise MediaError(
+            f"Failed to load audio from {name}: not a WAV file the stand-in can read "
+            f"({exc or type(exc).__name__})"
+        ) from exc
     if rate <= 0:
         raise MediaError(f"Failed to load audio from {name}: sample rate {rate}")
     if header_only:

@@ -105,24 +105,54 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--limit-video", type=int, default=d.limit_video)
     p.add_argument("--limit-audio", type=int, default=d.limit_audio)
     p.add_argument("--limit-image", type=int, default=d.limit_image)
-    p.add_argument("--limit-mm-per-prompt", type=json.loads, metavar="JSON",
-                   help='vLLM style, e.g. \'{"video": 1, "audio": 1}\'; overrides --limit-*')
+    p.add_argument(
+        "--limit-mm-per-prompt",
+        type=json.loads,
+        metavar="JSON",
+        help='vLLM style, e.g. \'{"video": 1, "audio": 1}\'; overrides --limit-*',
+    )
     p.add_argument("--latency", type=float, default=d.latency, help="seconds per chat request, in a slot")
-    p.add_argument("--latency-jitter", type=float, default=d.latency_jitter,
-                   help="latency varies uniformly by +- this many seconds")
-    p.add_argument("--slots", "--max-num-seqs", dest="slots", type=int, default=d.slots,
-                   help="concurrent chat requests; more wait in FIFO order (0 = unlimited)")
-    p.add_argument("--error-rate", type=float, default=d.error_rate,
-                   help="fraction of chat requests answered at once with 429/500/502/503/504")
-    p.add_argument("--drop-rate", type=float, default=d.drop_rate,
-                   help="fraction of chat requests whose connection is closed without an answer")
+    p.add_argument(
+        "--latency-jitter",
+        type=float,
+        default=d.latency_jitter,
+        help="latency varies uniformly by +- this many seconds",
+    )
+    p.add_argument(
+        "--slots",
+        "--max-num-seqs",
+        dest="slots",
+        type=int,
+        default=d.slots,
+        help="concurrent chat requests; more wait in FIFO order (0 = unlimited)",
+    )
+    p.add_argument(
+        "--error-rate",
+        type=float,
+        default=d.error_rate,
+        help="fraction of chat requests answered at once with 429/500/502/503/504",
+    )
+    p.add_argument(
+        "--drop-rate",
+        type=float,
+        default=d.drop_rate,
+        help="fraction of chat requests whose connection is closed without an answer",
+    )
     p.add_argument("--seed", type=int, help="seed of all randomness")
-    p.add_argument("--decode", choices=("full", "none"), default=d.decode,
-                   help="none: check requests and count tokens without decoding media")
+    p.add_argument(
+        "--decode",
+        choices=("full", "none"),
+        default=d.decode,
+        help="none: check requests and count tokens without decoding media",
+    )
     p.add_argument("--log-file", help="append one JSON line per chat request")
     p.add_argument("--drop-audio", action="store_true", help="accept audio but ignore it, like vLLM might")
-    p.add_argument("--keep-alive-timeout", type=float, default=d.keep_alive_timeout,
-                   help="close idle connections after this many seconds, like uvicorn (0 = never)")
+    p.add_argument(
+        "--keep-alive-timeout",
+        type=float,
+        default=d.keep_alive_timeout,
+        help="close idle connections after this many seconds, like uvicorn (0 = never)",
+    )
     p.add_argument("--fetch-timeout", type=float, default=d.fetch_timeout)
     p.add_argument("--decode-workers", type=int, default=d.decode_workers, help="0 = automatic")
     return p

@@ -203,8 +203,14 @@ def _cancel_all(loop: asyncio.AbstractEventLoop) -> None:
 
 # ---- its own process -----------------------------------------------------------------------------
 
-def run_subprocess(args: Sequence[str], tmp_path: str | os.PathLike[str], *, timeout: float = 30.0,
-                   env: Mapping[str, str] | None = None) -> tuple[subprocess.Popen[bytes], str]:
+
+def run_subprocess(
+    args: Sequence[str],
+    tmp_path: str | os.PathLike[str],
+    *,
+    timeout: float = 30.0,
+    env: Mapping[str, str] | None = None,
+) -> tuple[subprocess.Popen[bytes], str]:
     """Start ``python -m tests.standin.server ARGS`` and wait until it listens.
 
     Returns the process and its base URL (no ``/v1``). Its stderr goes to a file in ``tmp_path``, quoted
@@ -216,11 +222,16 @@ def run_subprocess(args: Sequence[str], tmp_path: str | os.PathLike[str], *, tim
     stderr_path = tmp / f"standin-{tag}.stderr"
     full_env = dict(os.environ if env is None else env)
     full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), full_env.get("PYTHONPATH")) if p)
-    cmd = [sys.executable, "-m", "tests.standin.server", "--port", "0", "--port-file", str(port_file),
-           *args]
+    cmd = [sys.executable, "-m", "tests.standin.server", "--port", "0", "--port-file", str(port_file), *args]
     with open(stderr_path, "wb") as stderr:
-        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=full_env, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.DEVNULL, stderr=stderr)
+        proc = subprocess.Popen(
+            cmd,
+            cwd=REPO_ROOT,
+            env=full_env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
     deadline = time.monotonic() + timeout
     while not port_file.exists():
         if proc.poll() is not None or time.monotonic() > deadline:

@@ -37,8 +37,9 @@ MEDIA_MARKER_TOKENS = 2
 MEL_FRAMES_PER_SECOND = 100
 
 
-def smart_resize(height: int, width: int, max_pixels: int = DEFAULT_VIDEO_MAX_PIXELS,
-                 factor: int = FACTOR) -> tuple[int, int]:
+def smart_resize(
+    height: int, width: int, max_pixels: int = DEFAULT_VIDEO_MAX_PIXELS, factor: int = FACTOR
+) -> tuple[int, int]:
     """Qwen's resize rule: (height, width) as multiples of ``factor`` with area <= ``max_pixels``.
 
     Uses Python's round() (banker's rounding) because the reference implementation does, so 240 px
@@ -66,8 +67,9 @@ def frame_tokens(height: int, width: int, max_pixels: int = DEFAULT_VIDEO_MAX_PI
     return (h_bar // FACTOR) * (w_bar // FACTOR)
 
 
-def frames_to_sample(total_frames: int, duration_s: float, num_frames: int | None = None,
-                     fps: float | None = None) -> int:
+def frames_to_sample(
+    total_frames: int, duration_s: float, num_frames: int | None = None, fps: float | None = None
+) -> int:
     """How many frames vLLM's loader takes from a file of ``total_frames`` frames.
 
     ``num_frames``/``fps`` are the request's ``media_io_kwargs.video`` values (None when absent).
@@ -85,8 +87,7 @@ def frames_to_sample(total_frames: int, duration_s: float, num_frames: int | Non
     return max(1, n)
 
 
-def video_tokens(n_frames: int, height: int, width: int,
-                 max_pixels: int = DEFAULT_VIDEO_MAX_PIXELS) -> int:
+def video_tokens(n_frames: int, height: int, width: int, max_pixels: int = DEFAULT_VIDEO_MAX_PIXELS) -> int:
     """Tokens of a video of ``n_frames`` sampled frames of ``height`` x ``width`` (markers excluded)."""
     if n_frames <= 0:
         return 0

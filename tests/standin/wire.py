@@ -83,8 +83,9 @@ async def read_request(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
     return Request(method.upper(), path, version, headers, body, keep_alive)
 
 
-async def _read_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                     headers: dict[str, str]) -> bytes:
+async def _read_body(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, headers: dict[str, str]
+) -> bytes:
     coding = headers.get("transfer-encoding")
     length_text = headers.get("content-length")
     if coding is not None:
@@ -145,8 +146,14 @@ _REASONS = {s.value: s.phrase for s in HTTPStatus}
 _STATUS_LINES: dict[int, bytes] = {}
 
 
-def render(status: int, body: bytes, *, keep_alive: bool, http10: bool = False,
-           content_type: str = "application/json") -> bytes:
+def render(
+    status: int,
+    body: bytes,
+    *,
+    keep_alive: bool,
+    http10: bool = False,
+    content_type: str = "application/json",
+) -> bytes:
     """One complete response as bytes, ready for a single write."""
     line = _STATUS_LINES.get(status)
     if line is None:
@@ -158,8 +165,18 @@ def render(status: int, body: bytes, *, keep_alive: bool, http10: bool = False,
     else:
         conn = b""
     ctype = b"content-type: " + content_type.encode() + b"\r\n" if body else b""
-    return b"".join((line, ctype, b"content-length: ", str(len(body)).encode(), b"\r\n", conn,
-                     b"server: vidcap-standin\r\n\r\n", body))
+    return b"".join(
+        (
+            line,
+            ctype,
+            b"content-length: ",
+            str(len(body)).encode(),
+            b"\r\n",
+            conn,
+            b"server: vidcap-standin\r\n\r\n",
+            body,
+        )
+    )
 
 
 def dumps(obj: Any) -> bytes:
@@ -176,5 +193,6 @@ def error_type(status: int) -> str:
 
 def error_body(status: int, message: str) -> bytes:
     """vLLM's error JSON: ``{"object": "error", "message", "type", "param", "code"}``."""
-    return dumps({"object": "error", "message": message, "type": error_type(status), "param": None,
-                  "code": status})
+    return dumps(
+        {"object": "error", "message": message, "type": error_type(status), "param": None, "code": status}
+    )

@@ -180,6 +180,15 @@ def test_tunnel_up_status_down(cluster: Cluster, tmp_path: Path) -> None:
     res = cluster.cli("caption", f"cluster:{cluster.root}/one", "--out", str(out))
     assert res.returncode == 0, res.stderr
     assert json.loads(cluster.cli("tunnel", "status", "--json").stdout)[0]["pid"] == pid
+    # a remote dry run lists and probes through the file server and sends nothing to vLLM
+    cluster.server.reset_stats()
+    res = cluster.cli(
+        "caption", f"cluster:{cluster.root}/one", "--out", str(tmp_path / "o2"), "--dry-run", "--json"
+    )
+    assert res.returncode == 0, res.stderr
+    planned = {r["path"]: r for r in json.loads(res.stdout) if "requests" in r}
+    assert planned and all(r["requests"] == 1 and r["est_tokens"] > 0 for r in planned.values())
+    assert cluster.server.stats()["requests"] == 0
     assert cluster.cli("tunnel", "down").returncode == 0
     assert not tunnel_state(home).exists()
     with pytest.raises(ProcessLookupError):

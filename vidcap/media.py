@@ -10,8 +10,13 @@ import asyncio
 import base64
 import io
 import math
+import multiprocessing
+import multiprocessing.connection
 import os
+import threading
+import time
 import wave
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -29,6 +34,15 @@ AUDIO_RATE = 16000
 PATCH = 32  # Qwen3-Omni: 16 px patches merged 2x2, so one visual token covers 32x32 px.
 T = TypeVar("T")
 VFR_SPREAD = 0.10  # relative spread of frame intervals above which a video counts as variable-rate
+# decord's default (0) lets FFmpeg start a thread per core for every reader; MediaPool already runs one
+# process per core, so more threads only oversubscribe the cores and slow down opening a reader. With
+# frame threads decord also fails on VP9 (webm) after the first few frames.
+DECODE_THREADS = 1
+# Decoded audio kept per process, so that the windows of one video (and the probe before them) landing on
+# the same worker decode its track once. 16-bit mono at 16 kHz is 115 MB an hour: at most two tracks and
+# two hours in all; a longer track is decoded again for every call rather than held.
+AUDIO_CACHE_ENTRIES = 2
+AUDIO_CACHE_BYTES = 2 * 3600 * AUDIO_RATE * 2
 
 # Leading bytes of the containers vidcap expects; used only to tell "corrupt video" from "not a video".
 _MAGIC = (
@@ -89,7 +103,7 @@ def probe(path: str, *, audio: bool = True) -> Probe:
     try:
         if os.path.getsize(path) == 0:
             raise MediaError("empty", "empty file (0 bytes)")
-        vr = decord.VideoReader(path)
+        vr = decord.VideoReader(path, num_threads=DECODE_THREADS)
     except MediaError:
         raise
     except OSError as exc:
@@ -135,12 +149,10 @@ def _first_line(exc: Exception) -> str:
 
 
 def _has_audio(path: str) -> bool:
-    decord = _decord()
-    try:
-        reader = decord.AudioReader(path, sample_rate=AUDIO_RATE, mono=True)
-    except Exception:  # decord says "Can't find audio stream"; an unreadable track is no audio to send
-        return False
-    return reader.shape[1] > 0
+    # decord cannot tell whether a track decodes without decoding all of it; the samples go to the cache,
+    # where the encode_audio calls that usually follow on this worker find them.
+    pcm = _audio_track(path)
+    return pcm is not None and pcm.size > 0
 
 
 def fit_size(width: int, height: int, max_pixels: int) -> tuple[int, int]:
@@ -187,7 +199,7 @@ def encode_inline(
     decord = _decord()
     width, height = fit_size(probe_.width, probe_.height, max_pixels)
     try:
-        vr = decord.VideoReader(path, width=width, height=height)
+        vr = decord.VideoReader(path, width=width, height=height, num_threads=DECODE_THREADS)
         frames = len(vr)
         starts = np.asarray(vr.get_frame_timestamp(np.arange(frames)), dtype=np.float64).reshape(frames, 2)[
             :, 0
@@ -211,56 +223,145 @@ def encode_inline(
 
 def encode_audio(path: str, start_s: float, end_s: float) -> tuple[str | None, float]:
     """16 kHz mono 16-bit WAV of a span as a data URL; (None, 0) when the file has no audio there."""
-    samples = _audio_samples(path, start_s, end_s)
-    if samples is None:
+    pcm = _audio_span(path, start_s, end_s)
+    if pcm is None:
         return None, 0.0
-    return wav_data_url(samples), samples.size / AUDIO_RATE
+    return "data:audio/wav;base64," + base64.b64encode(_wav(pcm)).decode("ascii"), pcm.size / AUDIO_RATE
 
 
 def audio_wav(path: str, start_s: float = 0.0, end_s: float | None = None) -> bytes | None:
     """WAV file bytes (16 kHz mono 16-bit) of a span, to the end when ``end_s`` is None; None: no audio."""
-    samples = _audio_samples(path, start_s, end_s)
-    return None if samples is None else wav_bytes(samples)
+    pcm = _audio_span(path, start_s, end_s)
+    return None if pcm is None else _wav(pcm)
 
 
-def _audio_samples(path: str, start_s: float, end_s: float | None) -> np.ndarray | None:
-    decord = _decord()
-    try:
-        reader = decord.AudioReader(path, sample_rate=AUDIO_RATE, mono=True)
-    except Exception:
+def _audio_span(path: str, start_s: float, end_s: float | None) -> np.ndarray | None:
+    pcm = _audio_track(path)
+    if pcm is None:
         return None
-    total = reader.shape[1]
+    total = pcm.size
     a = int(start_s * AUDIO_RATE)
     b = total if end_s is None else min(total, math.ceil(end_s * AUDIO_RATE))
     if b - a < AUDIO_RATE // 10:
         return None
+    return pcm[a:b]
+
+
+_audio_cache: OrderedDict[tuple[int, int, int, int], np.ndarray] = OrderedDict()
+_audio_cache_lock = threading.Lock()  # the file server calls in from several threads
+
+
+def _audio_track(path: str) -> np.ndarray | None:
+    """The whole track as 16-bit mono PCM at 16 kHz (read-only, maybe shared); None: no usable audio."""
     try:
-        return reader[a:b].asnumpy().reshape(-1)
-    except Exception as exc:
-        end = f"{end_s:.1f}" if end_s is not None else "end"
-        raise MediaError("decode_failed", f"could not decode audio {start_s:.1f}-{end} s: {exc}") from exc
+        st = os.stat(path)
+        # device and inode rather than the path: links to one file share an entry, a replaced file does not
+        key: tuple[int, int, int, int] | None = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    except OSError:
+        key = None  # decord will not open it either; nothing worth caching
+    if key is not None:
+        with _audio_cache_lock:
+            pcm = _audio_cache.get(key)
+            if pcm is not None:
+                _audio_cache.move_to_end(key)
+                return pcm
+    pcm = _decode_audio(path)
+    if pcm is not None and key is not None and 0 < pcm.nbytes <= AUDIO_CACHE_BYTES:
+        with _audio_cache_lock:
+            _audio_cache[key] = pcm
+            _audio_cache.move_to_end(key)
+            while len(_audio_cache) > AUDIO_CACHE_ENTRIES or (
+                sum(a.nbytes for a in _audio_cache.values()) > AUDIO_CACHE_BYTES
+            ):
+                _audio_cache.popitem(last=False)
+    return pcm
 
 
-def wav_bytes(samples: np.ndarray) -> bytes:
-    pcm = (np.clip(samples, -1.0, 1.0) * 32767).astype("<i2").tobytes()
+def _decode_audio(path: str) -> np.ndarray | None:
+    decord = _decord()
+    try:
+        # decodes (and resamples) the whole track here, whatever span is wanted afterwards
+        reader = decord.AudioReader(path, sample_rate=AUDIO_RATE, mono=True)
+    except Exception:  # decord says "Can't find audio stream"; an unreadable track is no audio to send
+        return None
+    total = reader.shape[1]
+    if total <= 0:
+        return np.zeros(0, dtype="<i2")
+    samples = getattr(reader, "_array", None)
+    if not (isinstance(samples, np.ndarray) and samples.ndim == 2 and samples.shape[1] == total):
+        # reader[a:b] builds a Python index list and copies three times: about 1 s for ten minutes of
+        # audio, against a few ms for the array decord already holds. This path is only for a decord
+        # that stops keeping that array.
+        try:
+            samples = reader[0:total].asnumpy().reshape(1, -1)
+        except Exception as exc:
+            raise MediaError("decode_failed", f"could not decode the audio: {_first_line(exc)}") from exc
+    samples = samples[0]
+    # decord holds two more copies of the track (its decode buffer and an NDArray); drop them before
+    # converting, in place, so that converting a long track adds only its 16-bit copy to the peak.
+    del reader
+    pcm = _pcm(samples, in_place=True)
+    pcm.flags.writeable = False  # shared by every later call through the cache
+    return pcm
+
+
+def _pcm(samples: np.ndarray, *, in_place: bool = False) -> np.ndarray:
+    """16-bit PCM of float samples in [-1, 1], clipped, exactly as the WAV data URLs have always had it."""
+    pcm = np.clip(samples, -1.0, 1.0, out=samples if in_place else None)
+    pcm *= 32767
+    return pcm.astype("<i2")
+
+
+def _wav(pcm: np.ndarray) -> bytes:
     buf = io.BytesIO()
     with wave.open(buf, "wb") as wav:
         wav.setnchannels(1)
         wav.setsampwidth(2)
         wav.setframerate(AUDIO_RATE)
-        wav.writeframes(pcm)
+        wav.writeframes(pcm.tobytes())
     return buf.getvalue()
+
+
+def wav_bytes(samples: np.ndarray) -> bytes:
+    """WAV file bytes of float samples in [-1, 1] at 16 kHz mono."""
+    return _wav(_pcm(np.asarray(samples)))
 
 
 def wav_data_url(samples: np.ndarray) -> str:
     return "data:audio/wav;base64," + base64.b64encode(wav_bytes(samples)).decode("ascii")
 
 
-def _quiet_worker() -> None:
+def _init_worker() -> None:
     # decord's C++ layer prints its own errors to fd 2; a corrupt file is reported once, by vidcap.
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
     os.close(devnull)
+    _exit_with_parent()
+
+
+def _exit_with_parent() -> None:
+    """Exit as soon as the process that started this worker is gone, also when it was killed (-9).
+
+    Workers wait for tasks on a queue whose write end they hold themselves, so they never see the
+    parent go; and while they live they keep the forkserver alive too.
+    """
+    parent = multiprocessing.parent_process()
+    sentinel = parent.sentinel if parent is not None else None
+    if sentinel is not None:
+
+        def watch() -> None:
+            multiprocessing.connection.wait([sentinel])
+            os._exit(1)
+
+    else:
+        ppid = os.getppid()
+
+        def watch() -> None:
+            while os.getppid() == ppid:
+                time.sleep(1.0)
+            os._exit(1)
+
+    threading.Thread(target=watch, name="vidcap-parent-watch", daemon=True).start()
 
 
 class MediaPool:
@@ -278,7 +379,7 @@ class MediaPool:
     def _new(self) -> ProcessPoolExecutor:
         # forkserver: forking a process that runs threads (the event loop's executors) is unsafe.
         return ProcessPoolExecutor(
-            max_workers=self.workers, mp_context=get_context("forkserver"), initializer=_quiet_worker
+            max_workers=self.workers, mp_context=get_context("forkserver"), initializer=_init_worker
         )
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:

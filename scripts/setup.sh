@@ -9,6 +9,16 @@ command -v ffmpeg >/dev/null || need+=(ffmpeg)
 [[ -x /usr/sbin/sshd ]] || need+=(openssh-server)
 command -v ssh >/dev/null || need+=(openssh-client)
 command -v rsync >/dev/null || need+=(rsync)
+# Real single-node Slurm for the job tests (tests/slurm.py starts it): controller, node daemon, client
+# commands (sbatch, squeue, sacct, scancel, sinfo), munge for authentication, and slurmdbd with MariaDB so
+# that sacct reports finished jobs.
+have() { command -v "$1" >/dev/null || [[ -x /usr/sbin/$1 ]]; }
+have slurmctld || need+=(slurmctld)
+have slurmd || need+=(slurmd)
+have sbatch || need+=(slurm-client)
+have munged || need+=(munge)
+have slurmdbd || need+=(slurmdbd)
+have mariadbd && have mariadb-install-db || need+=(mariadb-server)
 if ((${#need[@]})); then
     if [[ $(id -u) -eq 0 ]]; then
         export DEBIAN_FRONTEND=noninteractive

@@ -135,7 +135,9 @@ def pump(sock: socket.socket, chan: paramiko.Channel, closed: threading.Event) -
                     sock_open = False
                     chan.shutdown_write()
             if chan in ready:
-                data = chan.recv(CHUNK)
+                # Take all that paramiko buffered (up to the window): a 64 KiB read of a 2 MiB buffer
+                # copies and shifts the rest each time, which cost ~45% of the forwarder's CPU.
+                data = chan.recv(max(CHUNK, chan.in_window_size))
                 if data:
                     sock.sendall(data)
                 else:

@@ -89,36 +89,34 @@ def _clean(value: str) -> str | None:
     return None if value in ("", "None", "(null)", "N/A", "Unknown") else value
 
 
-def parse_squeue(text: str, job_id: str) -> JobStatus | None:
-    """The status of ``job_id`` from ``squeue -h -o SQUEUE_FORMAT -j ID``; None when not listed."""
+def _find(text: str, job_id: str, fields: int) -> list[str] | None:
     for line in text.splitlines():
         parts = line.split("|")
-        if len(parts) < 6 or parts[0].strip() != job_id:
-            continue
-        return JobStatus(
-            job_id,
-            JobState.parse(parts[1]),
-            reason=_clean(parts[2]),
-            node=_clean(parts[3]),
-            start=_clean(parts[4]),
-            elapsed=_clean(parts[5]),
-        )
+        if len(parts) >= fields and parts[0].strip() == job_id:
+            return parts
     return None
+
+
+def _status(job_id: str, parts: list[str]) -> JobStatus:
+    extra = {"exit_code": _clean(parts[6])} if len(parts) > 6 else {}
+    return JobStatus(
+        job_id,
+        JobState.parse(parts[1]),
+        reason=_clean(parts[2]),
+        node=_clean(parts[3]),
+        start=_clean(parts[4]),
+        elapsed=_clean(parts[5]),
+        **extra,
+    )
+
+
+def parse_squeue(text: str, job_id: str) -> JobStatus | None:
+    """The status of ``job_id`` from ``squeue -h -o SQUEUE_FORMAT -j ID``; None when not listed."""
+    parts = _find(text, job_id, 6)
+    return _status(job_id, parts[:6]) if parts else None
 
 
 def parse_sacct(text: str, job_id: str) -> JobStatus | None:
     """The status of ``job_id`` from ``sacct -X -n -P -o SACCT_FIELDS -j ID``; None when unknown."""
-    for line in text.splitlines():
-        parts = line.split("|")
-        if len(parts) < 7 or parts[0].strip() != job_id:
-            continue
-        return JobStatus(
-            job_id,
-            JobState.parse(parts[1]),
-            reason=_clean(parts[2]),
-            node=_clean(parts[3]),
-            start=_clean(parts[4]),
-            elapsed=_clean(parts[5]),
-            exit_code=_clean(parts[6]),
-        )
-    return None
+    parts = _find(text, job_id, 7)
+    return _status(job_id, parts) if parts else None

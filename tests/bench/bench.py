@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import shutil
 import ssl
 import subprocess
@@ -27,7 +26,6 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
 from multiprocessing import forkserver, get_context
 from pathlib import Path
 from typing import Any
@@ -36,6 +34,8 @@ REPO = Path(__file__).resolve().parents[2]
 for _p in (str(REPO), str(REPO / "tests")):
     if _p not in sys.path:
         sys.path.insert(0, _p)
+
+from benchtable import Row, finish, print_table, ratio_row  # noqa: E402
 
 from vidcap import captioner, media  # noqa: E402
 from vidcap.client import Endpoint, server_info  # noqa: E402
@@ -50,44 +50,6 @@ FIXED_MTIME = 1_700_000_000.25  # every resume placeholder gets this mtime, so o
 
 def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-# ---- results ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class Row:
-    metric: str
-    vidcap: str
-    baseline: str
-    ratio: str
-    goal: str
-    ok: bool | None  # None: informative, no goal
-    values: dict[str, Any]
-
-
-def ratio_row(metric: str, mine: float, base: float, goal: float | None, unit: str = "") -> Row:
-    ratio = mine / base if base else float("nan")
-    return Row(
-        metric,
-        f"{mine:.1f}{unit}",
-        f"{base:.1f}{unit}",
-        f"{ratio:.2f}",
-        f">= {goal:.2f}" if goal is not None else "(info)",
-        None if goal is None else ratio >= goal,
-        {"vidcap": mine, "baseline": base, "ratio": ratio, "goal": goal},
-    )
-
-
-def print_table(rows: list[Row]) -> None:
-    w = max(30, *(len(r.metric) for r in rows)) + 2
-    print()
-    print(f"{'metric':<{w}}{'vidcap':>12}{'baseline':>12}{'ratio':>8}   {'goal':<10} result")
-    print("-" * (w + 12 + 12 + 8 + 3 + 10 + 7))
-    for r in rows:
-        verdict = {True: "ok", False: "MISS", None: ""}[r.ok]
-        print(f"{r.metric:<{w}}{r.vidcap:>12}{r.baseline:>12}{r.ratio:>8}   {r.goal:<10} {verdict}")
-    print()
 
 
 # ---- the stand-in in its own process ---------------------------------------------------------------
@@ -695,18 +657,6 @@ BENCHES: dict[str, Callable[[argparse.Namespace, Path, Path], tuple[list[Row], d
 }
 
 
-def _git_state() -> dict[str, str]:
-    """Commit and local changes of the code measured (read-only git commands)."""
-
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10).stdout
-        except (OSError, subprocess.SubprocessError):
-            return ""
-
-    return {"commit": git("rev-parse", "HEAD").strip(), "changed": git("status", "--porcelain", "vidcap")}
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="smaller sizes: about a minute")
@@ -745,29 +695,15 @@ def main(argv: list[str] | None = None) -> int:
     if any(r.metric.endswith("*") for r in rows):
         print("* audio on: vidcap also decodes the audio track and sends it as WAV, plus one audio check")
         print("  request; the raw loop sends video only, so this row is informative.")
-    git = _git_state()
-    dirty = " + local changes" if git["changed"].strip() else ""
-    print(
-        f"{platform.node()}: {os.cpu_count()} cores, Python {platform.python_version()}, "
-        f"vidcap at {git['commit'][:10] or '?'}{dirty}; load average {load:.1f} before, "
-        f"{os.getloadavg()[0]:.1f} after; {'quick' if cfg.quick else 'full'} run took {total:.0f} s"
+    finish(
+        rows,
+        details,
+        quick=cfg.quick,
+        total=total,
+        load_before=load,
+        load_after=os.getloadavg()[0],
+        json_out=cfg.json_out,
     )
-    if cfg.json_out:
-        cfg.json_out.write_text(
-            json.dumps(
-                {
-                    "quick": cfg.quick,
-                    "cores": os.cpu_count(),
-                    "total_s": total,
-                    "load_before": load,
-                    "git": git,
-                    "rows": [asdict(r) for r in rows],
-                    "details": details,
-                },
-                indent=2,
-            )
-            + "\n"
-        )
     return 0 if all(r.ok is not False for r in rows) else 1
 
 

@@ -34,7 +34,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import shutil
 import signal
 import socket
@@ -44,9 +43,11 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from benchtable import Row, finish, print_table, ratio_row
 
 REPO = Path(__file__).resolve().parents[2]
 MB = 1_000_000
@@ -150,46 +151,6 @@ def descendants(pid: int) -> list[int]:
             found.append(child)
             todo.append(child)
     return found
-
-
-# ---- results -------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Row:
-    metric: str
-    vidcap: str
-    baseline: str
-    ratio: str
-    goal: str
-    ok: bool | None  # None: informative, no goal
-    values: dict[str, Any]
-
-
-def ratio_row(metric: str, mine: float, base: float | None, unit: str = "", digits: int = 1) -> Row:
-    if base is None:
-        return Row(metric, f"{mine:.{digits}f}{unit}", "", "", "(info)", None, {"vidcap": mine})
-    ratio = mine / base if base else float("nan")
-    return Row(
-        metric,
-        f"{mine:.{digits}f}{unit}",
-        f"{base:.{digits}f}{unit}",
-        f"{ratio:.2f}",
-        "(info)",
-        None,
-        {"vidcap": mine, "baseline": base, "ratio": ratio},
-    )
-
-
-def print_table(rows: list[Row]) -> None:
-    w = max(30, *(len(r.metric) for r in rows)) + 2
-    print()
-    print(f"{'metric':<{w}}{'vidcap':>12}{'ssh -L':>12}{'ratio':>8}   {'goal':<10} result")
-    print("-" * (w + 12 + 12 + 8 + 3 + 10 + 7))
-    for r in rows:
-        verdict = {True: "ok", False: "MISS", None: ""}[r.ok]
-        print(f"{r.metric:<{w}}{r.vidcap:>12}{r.baseline:>12}{r.ratio:>8}   {r.goal:<10} {verdict}")
-    print()
 
 
 # ---- the forwards --------------------------------------------------------------------------------------
@@ -351,18 +312,6 @@ def raw_channel_reader(transport: Any, target_port: int) -> Callable[[int], dict
         return {"bytes": got, "seconds": t1 - t0, "first_byte_s": (first or t1) - t0}
 
     return read
-
-
-def _git_state() -> dict[str, str]:
-    """Commit and local changes of the code measured (read-only git commands)."""
-
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10).stdout
-        except (OSError, subprocess.SubprocessError):
-            return ""
-
-    return {"commit": git("rev-parse", "HEAD").strip(), "changed": git("status", "--porcelain", "vidcap")}
 
 
 def bench(
@@ -573,35 +522,20 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     total = time.perf_counter() - started
     load_after = os.getloadavg()[0]
-    print_table(rows)
+    print_table(rows, baseline="ssh -L")
     ciphers = details["ciphers"]
     print("* informative: the client shares this process's GIL with paramiko's threads, or reads a")
     print("  paramiko channel directly with recv(4 MiB) (no local socket, no vidcap.forward).")
     print(f"ciphers: ssh -L and openssh {ciphers['ssh']}; paramiko {ciphers['paramiko']}")
-    git = _git_state()
-    dirty = " + local changes" if git["changed"].strip() else ""
-    print(
-        f"{platform.node()}: {os.cpu_count()} cores, Python {platform.python_version()}, "
-        f"vidcap at {git['commit'][:10] or '?'}{dirty}; load average {load:.1f} before, "
-        f"{load_after:.1f} after; {'quick' if cfg.quick else 'full'} run took {total:.0f} s"
+    finish(
+        rows,
+        details,
+        quick=cfg.quick,
+        total=total,
+        load_before=load,
+        load_after=load_after,
+        json_out=cfg.json_out,
     )
-    if cfg.json_out:
-        cfg.json_out.write_text(
-            json.dumps(
-                {
-                    "quick": cfg.quick,
-                    "cores": os.cpu_count(),
-                    "total_s": total,
-                    "load_before": load,
-                    "load_after": load_after,
-                    "git": git,
-                    "rows": [asdict(r) for r in rows],
-                    "details": details,
-                },
-                indent=2,
-            )
-            + "\n"
-        )
     return 0
 
 

@@ -49,18 +49,14 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _children(pid: int) -> list[int]:
+def descendants(pid: int) -> list[int]:
     """All descendants of pid (Linux /proc), deepest last."""
     parents: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rpartition(")")[2].split()[1])
-        parents.setdefault(ppid, []).append(int(entry.name))
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):  # a process may end while we read
+                ppid = int((entry / "stat").read_text().rpartition(")")[2].split()[1])
+                parents.setdefault(ppid, []).append(int(entry.name))
     found, todo = [], [pid]
     while todo:
         for child in parents.get(todo.pop(), []):
@@ -185,15 +181,15 @@ class SSHServer:
         """Kill the per-connection sshd processes (and what they run) but keep the listener."""
         if self.proc is None:
             return
-        for pid in reversed(_children(self.proc.pid)):
+        for pid in reversed(descendants(self.proc.pid)):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 5
-        while _children(self.proc.pid) and time.monotonic() < deadline:
+        while descendants(self.proc.pid) and time.monotonic() < deadline:
             time.sleep(0.01)
 
     def connection_count(self) -> int:
-        return 0 if self.proc is None else len(_children(self.proc.pid))
+        return 0 if self.proc is None else len(descendants(self.proc.pid))
 
     def rotate_host_key(self) -> None:
         """A new host key (the reinstalled-server or man-in-the-middle case); known_hosts is left as is."""

@@ -138,21 +138,6 @@ def proc_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICK
 
 
-def descendants(pid: int) -> list[int]:
-    parents: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                ppid = int((entry / "stat").read_text().rpartition(")")[2].split()[1])
-                parents.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in parents.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
 # ---- the forwards --------------------------------------------------------------------------------------
 
 
@@ -270,7 +255,9 @@ def run_client(port: int, nbytes: int) -> dict[str, float]:
 
 
 def measure(tunnel: Tunnel, nbytes: int, sshd_pid: int | None) -> dict[str, float]:
-    sshd_pids = descendants(sshd_pid) if sshd_pid else []
+    import sshd  # tests/ is on sys.path once bench() runs
+
+    sshd_pids = sshd.descendants(sshd_pid) if sshd_pid else []
     sshd0 = sum(map(proc_cpu, sshd_pids))
     fwd0 = tunnel.cpu() if tunnel.cpu else 0.0
     if tunnel.reader is not None:

@@ -194,20 +194,21 @@ class Requester:
         wait_max: float = 20.0,
     ) -> None:
         self.url = endpoint.base_url + "/chat/completions"
-        self._clients: asyncio.Queue[httpx.AsyncClient] = asyncio.Queue()
         # One TLS context for all slots: each client building its own loads the CA bundle (~25 ms each).
         tls = ssl.create_default_context()
-        for _ in range(slots):
-            self._clients.put_nowait(
-                httpx.AsyncClient(
-                    verify=tls,
-                    headers=endpoint.headers(),
-                    timeout=httpx.Timeout(timeout, connect=min(timeout, 30.0)),
-                    limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
-                    trust_env=False,  # a proxy setting must not divert traffic meant for the tunnel
-                )
+        self._all = [
+            httpx.AsyncClient(
+                verify=tls,
+                headers=endpoint.headers(),
+                timeout=httpx.Timeout(timeout, connect=min(timeout, 30.0)),
+                limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
+                trust_env=False,  # a proxy setting must not divert traffic meant for the tunnel
             )
-        self._all = list(self._clients._queue)  # type: ignore[attr-defined]
+            for _ in range(slots)
+        ]
+        self._clients: asyncio.Queue[httpx.AsyncClient] = asyncio.Queue()
+        for client in self._all:
+            self._clients.put_nowait(client)
         self.gate = gate
         self.max_attempts = max_attempts
         self.max_seconds = max_seconds

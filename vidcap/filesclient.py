@@ -8,7 +8,6 @@ carries the token.
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import json
 import posixpath
@@ -183,7 +182,7 @@ class FilesClient:
             return None
         if resp.status_code != 200:
             raise self._fail(resp, "audio", rel)
-        return "data:audio/wav;base64," + base64.b64encode(resp.content).decode("ascii")
+        return media.wav_url(resp.content)
 
     async def close(self) -> None:
         await self._http.aclose()

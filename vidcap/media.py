@@ -226,7 +226,7 @@ def encode_audio(path: str, start_s: float, end_s: float) -> tuple[str | None, f
     pcm = _audio_span(path, start_s, end_s)
     if pcm is None:
         return None, 0.0
-    return "data:audio/wav;base64," + base64.b64encode(_wav(pcm)).decode("ascii"), pcm.size / AUDIO_RATE
+    return wav_url(_wav(pcm)), pcm.size / AUDIO_RATE
 
 
 def audio_wav(path: str, start_s: float = 0.0, end_s: float | None = None) -> bytes | None:
@@ -322,13 +322,9 @@ def _wav(pcm: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def wav_bytes(samples: np.ndarray) -> bytes:
-    """WAV file bytes of float samples in [-1, 1] at 16 kHz mono."""
-    return _wav(_pcm(np.asarray(samples)))
-
-
-def wav_data_url(samples: np.ndarray) -> str:
-    return "data:audio/wav;base64," + base64.b64encode(wav_bytes(samples)).decode("ascii")
+def wav_url(wav: bytes) -> str:
+    """A WAV file as the data URL vLLM takes for an audio_url item."""
+    return "data:audio/wav;base64," + base64.b64encode(wav).decode("ascii")
 
 
 def _init_worker() -> None:

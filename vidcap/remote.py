@@ -94,7 +94,7 @@ async def open_remote(
     started = tunnel.read_state(profile_name) is None
     state = await asyncio.to_thread(tunnel.up, profile_name, wanted, config_path)
     try:
-        ports = {tunnel.Target.parse(s).name: tunnel.Target.parse(s).local_port for s in state["targets"]}
+        ports = {t.name: t.local_port for t in map(tunnel.Target.parse, state["targets"])}
         client = FilesClient(f"http://127.0.0.1:{ports['files']}", secrets.files_token)
         root = (await client.health())["root"]
         if absolute != root and not absolute.startswith(root.rstrip("/") + "/"):

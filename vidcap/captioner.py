@@ -169,7 +169,7 @@ class _Run:
             record.timing = Timing(
                 started=started, finished=_now(), latency_s=round(time.monotonic() - t0, 3), attempts=attempts
             )
-            await asyncio.to_thread(self.store.write_record, entry.rel, record)
+            await self._write(entry.rel, record, t0)
         except MediaError as exc:
             await self._fail(entry.rel, exc.kind, str(exc), attempts, False)
         except RequestFailed as exc:
@@ -183,9 +183,24 @@ class _Run:
             # Last resort, so that one video can never stop the run; the class name says where to look.
             await self._fail(entry.rel, "internal_error", f"{type(exc).__name__}: {exc}", attempts, True)
         else:
-            self.counts.done += 1
-            self.usage = self.usage + usage
-            self.sink(Event("done", entry.rel, value=time.monotonic() - t0))
+            self._done(entry.rel, record, t0)
+
+    def _done(self, rel: str, record: CaptionRecord, t0: float) -> None:
+        self.counts.done += 1
+        self.usage = self.usage + record.usage
+        self.sink(Event("done", rel, value=time.monotonic() - t0))
+
+    async def _write(self, rel: str, record: CaptionRecord, t0: float) -> None:
+        """Write one record; a cancel (SIGINT) that arrives meanwhile lets the write land and counts it,
+        so the run summary agrees with what is on disk. The write takes milliseconds."""
+        write = asyncio.ensure_future(asyncio.to_thread(self.store.write_record, rel, record))
+        try:
+            await asyncio.shield(write)
+        except asyncio.CancelledError:
+            await asyncio.wait([write])
+            if not write.cancelled() and write.exception() is None:
+                self._done(rel, record, t0)
+            raise
 
     def _record(
         self,

@@ -485,6 +485,7 @@ async def _supervise(state: _Run, nworkers: int) -> BaseException | int | None:
 
     tasks.append(asyncio.ensure_future(guarded(state.feed(queue, nworkers))))
     counter = asyncio.ensure_future(state.count())
+    watcher = asyncio.ensure_future(guarded(state.source.watch()))
     tasks += [asyncio.ensure_future(guarded(state.work(queue))) for _ in range(nworkers)]
     loop = asyncio.get_running_loop()
     installed = []
@@ -496,6 +497,7 @@ async def _supervise(state: _Run, nworkers: int) -> BaseException | int | None:
         await asyncio.gather(*tasks, return_exceptions=True)
     finally:
         counter.cancel()
+        watcher.cancel()
         for signum in installed:
             loop.remove_signal_handler(signum)
     return stopped[0] if stopped else None

@@ -14,6 +14,8 @@ from rich.console import Console
 from rich.table import Table
 
 from vidcap import __version__, captioner, config, dryrun, options, remote, report, tunnel
+from vidcap.cli_common import ConfigOpt, ProfileOpt, _debug, _fail, err, out, profile_name
+from vidcap.cli_jobs import job_app
 from vidcap.errors import ConfigError, UsageError, VidcapError
 
 app = typer.Typer(
@@ -28,25 +30,9 @@ tunnel_app = typer.Typer(
     help="Keep SSH tunnels to the GPU node's servers up in the background.", no_args_is_help=True
 )
 app.add_typer(tunnel_app, name="tunnel")
+app.add_typer(job_app, name="job")
 files_app = typer.Typer(help="The file server that runs next to vLLM on the GPU node.", no_args_is_help=True)
 app.add_typer(files_app, name="files")
-
-err = Console(stderr=True)
-out = Console()
-_debug = {"on": False}
-
-ConfigOpt = typer.Option(None, "--config", help="Config file (default: ./vidcap.toml, then the user config).")
-ProfileOpt = typer.Option(
-    None, "--profile", "-p", help="Profile to use (default: the config's default_profile)."
-)
-
-
-def _fail(exc: BaseException) -> None:
-    if _debug["on"]:
-        err.print_exception()
-    code = exc.exit_code if isinstance(exc, VidcapError) else 1
-    err.print(f"[bold red]{type(exc).__name__}[/]: {exc}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
 
 
 @app.callback(invoke_without_command=True)
@@ -135,6 +121,9 @@ def caption(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (windows, tokens); send nothing."),
     as_json: bool = typer.Option(False, "--json", help="Print the run summary as JSON on stdout."),
     api_key_file: Path | None = typer.Option(None, "--api-key-file", help="File holding the server API key."),
+    job_id: str | None = typer.Option(
+        None, "--job", help="For PROFILE:PATH: use this job's servers (default: the profile's running job)."
+    ),
     profile: str | None = ProfileOpt,
     config_path: Path | None = ConfigOpt,
 ) -> None:
@@ -165,14 +154,14 @@ def caption(
         job, endpoint = resolved.job, resolved.endpoint
         if dry_run:
             if resolved.remote:
-                rows = asyncio.run(remote.plan(cfg, job, *resolved.remote, config_path))
+                rows = asyncio.run(remote.plan(cfg, job, *resolved.remote, config_path, job_id))
             else:
                 rows = asyncio.run(dryrun.dry_run(job))
             _render_plan(rows, as_json)
             return
         with ProgressView(err) as progress:
             if resolved.remote:
-                run = remote.caption(cfg, job, *resolved.remote, config_path, progress.handle)
+                run = remote.caption(cfg, job, *resolved.remote, config_path, progress.handle, job_id)
             else:
                 assert endpoint is not None
                 run = captioner.run(job, endpoint, progress.handle)
@@ -296,29 +285,30 @@ class ProgressView:
 # -- tunnel -------------------------------------------------------------------------------------------
 
 
-def _profile_name(cfg: config.Config, profile: str | None) -> str:
-    name = profile or cfg.default_profile
-    cfg.profile(name)
-    return name
-
-
 @tunnel_app.command("up")
 def tunnel_up(
+    job_id: str | None = typer.Option(None, "--job", help="Tunnel to this job (default: the running one)."),
     profile: str | None = ProfileOpt,
     config_path: Path | None = ConfigOpt,
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Forward localhost ports to the profile's vLLM and file server, in a background process that
-    reconnects by itself. Idempotent: a tunnel that is already up is left as it is."""
+    """Forward localhost ports to the vLLM and file server of the profile's running job (found on the
+    cluster), in a background process that reconnects by itself. Idempotent: a tunnel that is already up
+    to the same servers is left as it is; one to an earlier job is replaced."""
     try:
         cfg, path = config.load(config_path)
-        name = _profile_name(cfg, profile)
-        state = tunnel.up(name, remote.targets(cfg.profile(name)), path)
+        name = profile_name(cfg, profile)
+        located = remote.locate_over_ssh(cfg, name, job_id)
+        state = tunnel.up(name, located.targets, path, replace=True)
     except VidcapError as exc:
         _fail(exc)
     if as_json:
-        print(json.dumps(state, indent=2))
+        print(json.dumps({**state, "job_id": located.job_id}, indent=2))
         return
+    if state.get("replaced"):
+        err.print("the tunnel pointed at other servers (an earlier job); replaced it", highlight=False)
+    if located.job_id:
+        err.print(f"job {located.job_id}", highlight=False)
     for spec in state["targets"]:
         t = tunnel.Target.parse(spec)
         err.print(f"{t.name}: localhost:{t.local_port} -> {t.remote_host}:{t.remote_port}", highlight=False)
@@ -330,7 +320,7 @@ def tunnel_down(profile: str | None = ProfileOpt, config_path: Path | None = Con
     """Stop the profile's tunnel process; no process or state is left behind."""
     try:
         cfg, _ = config.load(config_path)
-        name = _profile_name(cfg, profile)
+        name = profile_name(cfg, profile)
     except VidcapError as exc:
         _fail(exc)
     err.print(f"tunnel {name!r} " + ("stopped" if tunnel.down(name) else "was not up"))
@@ -345,7 +335,7 @@ def tunnel_status(
     """Up or down, since when, reconnects, and whether each forward answers (vLLM /health)."""
     try:
         cfg, _ = config.load(config_path)
-        names = [_profile_name(cfg, profile)] if profile else sorted(cfg.profiles)
+        names = [profile_name(cfg, profile)] if profile else sorted(cfg.profiles)
     except VidcapError as exc:
         _fail(exc)
     rows = tunnel.status(names)

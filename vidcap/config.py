@@ -60,7 +60,7 @@ class PathsConfig(_Strict):
 
 class JobConfig(_Strict):
     partition: str | None = None
-    gres: str = "gpu:1"
+    gres: str | None = Field("gpu:1", description="Generic resources (--gres); empty = none.")
     time: str = "04:00:00"
     cpus: int = 16
     mem: str = "128G"
@@ -70,6 +70,12 @@ class JobConfig(_Strict):
 
 class ServerConfig(_Strict):
     model: str = DEFAULT_MODEL
+    preset: str | None = Field(
+        None, description="Model preset the job serves (presets.toml or [presets.NAME]); default: by model."
+    )
+    command: list[str] | None = Field(
+        None, description="Replaces `vllm serve MODEL <preset args>` in the job (another launcher, tests)."
+    )
     served_name: str | None = Field(None, description="Name the server answers to; default: model.")
     vllm_args: list[str] = Field(default_factory=list)
     url: str | None = Field(None, description="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1.")
@@ -131,6 +137,9 @@ class Profile(_Strict):
 class Config(_Strict):
     default_profile: str = "local"
     profiles: dict[str, Profile] = Field(default_factory=lambda: {"local": Profile()})
+    presets: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="User model presets, merged by name over the shipped ones."
+    )
 
     def profile(self, name: str | None = None) -> Profile:
         key = name or self.default_profile

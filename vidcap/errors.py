@@ -52,6 +52,12 @@ class HostKeyError(TransportError):
     pass
 
 
+class JobError(VidcapError):
+    """A job that failed, ended, cannot be found, or was not ready in time."""
+
+    exit_code = 3
+
+
 class TunnelError(VidcapError):
     exit_code = 3
 

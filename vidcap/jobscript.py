@@ -77,7 +77,7 @@ _RESERVED_ENV = frozenset(
     {
         *("JOB_KEY", "WORK_DIR", "JOB_DIR", "VIDEOS_SRC", "VIDEOS_DIR", "SERVED_NAME", "SERVER", "VIDCAP"),
         *("READY_TIMEOUT", "READY_DEADLINE", "SERVER_PID", "FILES_PID", "HOLDER_PID", "POLL_PID"),
-        *("VLLM_PORT", "FILES_PORT", "VLLM_API_KEY", "attempt", "rc", "status"),
+        *("VLLM_PORT", "FILES_PORT", "VLLM_API_KEY", "VIDCAP_LOCAL_JOB_ID", "attempt", "rc", "status"),
     }
 )
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -272,13 +272,14 @@ def sbatch_lines(profile: Profile, job_name: str, array: str | None = None) -> l
     job = profile.job
     flags: dict[str, str] = {
         "--cpus-per-task": str(job.cpus),
-        "--gres": job.gres,
         "--job-name": job_name,
         "--mem": job.mem,
         "--time": job.time,
     }
     if job.partition:
         flags["--partition"] = job.partition
+    if job.gres:
+        flags["--gres"] = job.gres
     log = _slurm_log_path(profile.paths.work_dir, array is not None)
     flags["--output"] = flags["--error"] = log
     if array is not None:

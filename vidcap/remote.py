@@ -7,8 +7,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import posixpath
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from vidcap import captioner, dryrun, tunnel
 from vidcap.captioner import CaptionJob, EventSink
 from vidcap.client import Endpoint
 from vidcap.config import Config, Profile
-from vidcap.errors import TransportError, UsageError
+from vidcap.errors import ServerUnreachableError, TransportError, UsageError
 from vidcap.records import RunSummary
 from vidcap.sources import RemoteSource
 
@@ -30,18 +31,54 @@ class Secrets:
         return "Secrets(***)"
 
 
-def targets(profile: Profile) -> list[tunnel.Target]:
-    ep = profile.endpoint
-    if not (ep.node and ep.vllm_port and ep.files_port and ep.secrets_file):
-        raise UsageError(
-            "this profile names no server endpoint: set node, vllm_port, files_port and secrets_file under "
-            "[profiles.NAME.endpoint] (vidcap's own jobs will fill this in by themselves)"
+@dataclass(frozen=True)
+class Located:
+    """The servers a profile uses: forwards to open, where the secrets are, and the job behind them."""
+
+    targets: list[tunnel.Target]
+    secrets_path: str
+    job_id: str | None = None
+
+
+def locate(transport: object, cfg: Config, profile_name: str, job_id: str | None = None) -> Located:
+    """The servers of job ``job_id``, else those named under [profiles.NAME.endpoint], else those of the
+    profile's newest running vidcap job (found on the cluster, not typed by the user)."""
+    from vidcap import jobs
+    from vidcap.executors import SlurmExecutor
+
+    profile = cfg.profile(profile_name)
+    srv, ep = profile.server, profile.endpoint
+    manual = ep.node and ep.vllm_port and ep.files_port and ep.secrets_file
+    if job_id is None and manual:
+        return Located(
+            [
+                tunnel.Target("vllm", srv.local_vllm_port, ep.node, ep.vllm_port),  # type: ignore[arg-type]
+                tunnel.Target("files", srv.local_files_port, ep.node, ep.files_port),  # type: ignore[arg-type]
+            ],
+            ep.secrets_file,  # type: ignore[arg-type]
         )
-    srv = profile.server
-    return [
-        tunnel.Target("vllm", srv.local_vllm_port, ep.node, ep.vllm_port),
-        tunnel.Target("files", srv.local_files_port, ep.node, ep.files_port),
-    ]
+    if job_id is None and (ep.node or ep.vllm_port or ep.files_port or ep.secrets_file):
+        raise UsageError(
+            "[profiles.NAME.endpoint] is incomplete: set node, vllm_port, files_port and secrets_file, or "
+            "remove the section to use the profile's running vidcap job"
+        )
+    model = jobs.served_name(profile, jobs.choose_preset(cfg, profile))
+    found = jobs.discover(SlurmExecutor(transport), profile, job_id, model)
+    return Located(
+        [
+            tunnel.Target("vllm", srv.local_vllm_port, found.node, found.vllm_port),
+            tunnel.Target("files", srv.local_files_port, found.node, found.files_port),
+        ],
+        found.secrets_path,
+        found.job_id,
+    )
+
+
+def locate_over_ssh(cfg: Config, profile_name: str, job_id: str | None = None) -> Located:
+    from vidcap.transport import connect
+
+    with connect(cfg.profile(profile_name).ssh) as transport:
+        return locate(transport, cfg, profile_name, job_id)
 
 
 def read_secrets(transport: object, path: str) -> Secrets:
@@ -79,20 +116,22 @@ async def open_remote(
     extensions: tuple[str, ...],
     mode: str,
     wait: float = 900.0,
+    job_id: str | None = None,
 ) -> AsyncIterator[tuple[Endpoint, RemoteSource]]:
     from vidcap.filesclient import FilesClient
     from vidcap.transport import connect
 
     profile = cfg.profile(profile_name)
-    wanted = targets(profile)
     transport = await asyncio.to_thread(connect, profile.ssh)
     try:
-        secrets = await asyncio.to_thread(read_secrets, transport, profile.endpoint.secrets_file or "")
+        located = await asyncio.to_thread(locate, transport, cfg, profile_name, job_id)
+        secrets = await asyncio.to_thread(read_secrets, transport, located.secrets_path)
         absolute = await asyncio.to_thread(remote_abs, transport, path)
     finally:
         await asyncio.to_thread(transport.close)
+    wanted = located.targets
     started = tunnel.read_state(profile_name) is None
-    state = await asyncio.to_thread(tunnel.up, profile_name, wanted, config_path)
+    state = await asyncio.to_thread(tunnel.up, profile_name, wanted, config_path, replace=True)
     try:
         ports = {t.name: t.local_port for t in map(tunnel.Target.parse, state["targets"])}
         client = FilesClient(f"http://127.0.0.1:{ports['files']}", secrets.files_token)
@@ -110,6 +149,7 @@ async def open_remote(
             extensions=extensions,
             mode=mode,  # type: ignore[arg-type]
             wait=wait,
+            watcher=_job_watcher(profile, located.job_id) if located.job_id else None,
         )
         yield Endpoint(f"http://127.0.0.1:{ports['vllm']}/v1", secrets.api_key), source
     finally:
@@ -117,8 +157,56 @@ async def open_remote(
             await asyncio.to_thread(tunnel.down, profile_name)
 
 
+def _job_watcher(
+    profile: Profile, job_id: str, interval: float | None = None
+) -> Callable[[], Awaitable[None]]:
+    """Polls the job's Slurm state during a run; when the job has ended (cancelled, time limit,
+    preempted) the run stops at once with that reason instead of waiting out server_wait."""
+    from vidcap.executors import SlurmExecutor
+    from vidcap.jobstate import JobRecord
+    from vidcap.transport import connect
+
+    every = interval if interval is not None else float(os.environ.get("VIDCAP_JOB_WATCH_INTERVAL", "10"))
+    rec = JobRecord(job_id, "", "slurm", "", "", "", "", "", "")
+
+    def check(ex: SlurmExecutor | None) -> tuple[SlurmExecutor | None, str | None]:
+        try:
+            ex = ex or SlurmExecutor(connect(profile.ssh))
+            status = ex.statuses([rec])[job_id]
+        except Exception:  # the link is down: the tunnel and the gate handle that; look again later
+            if ex is not None:
+                with contextlib.suppress(Exception):
+                    ex.close()
+            return None, None
+        return ex, status.describe() if status.state.finished else None
+
+    async def watch() -> None:
+        ex: SlurmExecutor | None = None
+        try:
+            while True:
+                await asyncio.sleep(every)
+                ex, ended = await asyncio.to_thread(check, ex)
+                if ended:
+                    raise ServerUnreachableError(
+                        f"job {job_id} has ended ({ended}), so its server is gone. Captions written so far "
+                        "are kept: submit a new job ('vidcap job submit', 'vidcap job wait') and rerun this "
+                        "command to caption the rest"
+                    )
+        finally:
+            if ex is not None:
+                await asyncio.to_thread(ex.close)
+
+    return watch
+
+
 async def caption(
-    cfg: Config, job: CaptionJob, profile_name: str, path: str, config_path: Path | None, sink: EventSink
+    cfg: Config,
+    job: CaptionJob,
+    profile_name: str,
+    path: str,
+    config_path: Path | None,
+    sink: EventSink,
+    job_id: str | None = None,
 ) -> RunSummary:
     async with open_remote(
         cfg,
@@ -128,14 +216,26 @@ async def caption(
         extensions=job.extensions,
         mode=job.media,
         wait=job.server_wait,
+        job_id=job_id,
     ) as (endpoint, source):
         return await captioner.run(job, endpoint, sink, source)
 
 
 async def plan(
-    cfg: Config, job: CaptionJob, profile_name: str, path: str, config_path: Path | None
+    cfg: Config,
+    job: CaptionJob,
+    profile_name: str,
+    path: str,
+    config_path: Path | None,
+    job_id: str | None = None,
 ) -> list[dict]:
     async with open_remote(
-        cfg, profile_name, path, config_path=config_path, extensions=job.extensions, mode=job.media
+        cfg,
+        profile_name,
+        path,
+        config_path=config_path,
+        extensions=job.extensions,
+        mode=job.media,
+        job_id=job_id,
     ) as (_, source):
         return await dryrun.dry_run(job, source)

@@ -45,6 +45,10 @@ class Source(Protocol):
 
     async def media(self, entry: Entry, probe: media.Probe, plan: Plan, win: Window) -> MediaParts: ...
 
+    async def watch(self) -> None:
+        """Runs beside the pipeline; raising stops the run (the job behind the source has ended)."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -111,6 +115,9 @@ class LocalSource:
         )
         return MediaParts(inline.video_url, inline.num_frames, inline.audio_url, "inline")
 
+    async def watch(self) -> None:
+        return None  # a local directory has no job behind it
+
     async def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown()
@@ -140,10 +147,12 @@ class RemoteSource:
         extensions: tuple[str, ...],
         mode: Literal["file", "http", "inline"] = "file",
         wait: float = 900.0,
+        watcher: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.client, self.label, self.root, self.subdir = client, label, root, subdir.strip("/")
         self.node_files_port, self.extensions, self.mode = node_files_port, extensions, mode
         self.wait = wait
+        self._watcher = watcher
         self._token = token
 
     async def _call(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
@@ -226,6 +235,10 @@ class RemoteSource:
             url = "file://" + quote(posixpath.join(self.root, rel), safe="/")
             return MediaParts(url, win.num_frames, audio_url, "file")
         return MediaParts(self._node("f", entry.rel), win.num_frames, audio_url, "http")
+
+    async def watch(self) -> None:
+        if self._watcher is not None:
+            await self._watcher()
 
     async def close(self) -> None:
         await self.client.close()

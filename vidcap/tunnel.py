@@ -117,16 +117,27 @@ def _tail(path: Path, lines: int = 15) -> str:
 
 
 def up(
-    profile: str, targets: Sequence[Target], config_path: Path | None, *, timeout: float = 60.0
+    profile: str,
+    targets: Sequence[Target],
+    config_path: Path | None,
+    *,
+    timeout: float = 60.0,
+    replace: bool = False,
 ) -> dict[str, Any]:
-    """Start the tunnel process of ``profile`` (or return the running one if it has the same targets)."""
+    """Start the tunnel process of ``profile`` (or return the running one if it has the same targets).
+    A tunnel up with other targets (a job that has since moved) is replaced when ``replace``; the
+    returned state then says ``"replaced": true``."""
     state = read_state(profile)
+    replaced = False
     if state is not None:
         if sorted(state["targets"]) == sorted(t.spec() for t in targets):
             return state
-        raise TunnelError(
-            f"a tunnel for {profile!r} is up with other targets; 'vidcap tunnel down -p {profile}' first"
-        )
+        if not replace:
+            raise TunnelError(
+                f"a tunnel for {profile!r} is up with other targets; 'vidcap tunnel down -p {profile}' first"
+            )
+        down(profile)
+        replaced = True
     for t in targets:
         if not port_free(t.local_port):
             raise TunnelError(
@@ -146,7 +157,7 @@ def up(
     while time.monotonic() < deadline:
         state = read_state(profile)
         if state is not None and state.get("pid") == proc.pid and state.get("status") == "up":
-            return state
+            return {**state, "replaced": True} if replaced else state
         if proc.poll() is not None:
             raise TunnelError(f"the tunnel process for {profile!r} exited ({proc.returncode}):\n{_tail(log)}")
         time.sleep(0.1)

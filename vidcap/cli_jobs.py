@@ -1,0 +1,266 @@
+"""`vidcap job ...`: wiring between the command line and vidcap.jobs."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from vidcap import config, jobs
+from vidcap.cli_common import ConfigOpt, ProfileOpt, _fail, err, out, profile_name
+from vidcap.errors import VidcapError
+from vidcap.slurm_parse import JobStatus
+
+job_app = typer.Typer(
+    help="Run the model server as a Slurm job (or a local process): submit, wait, status, logs, cancel.",
+    no_args_is_help=True,
+)
+
+JobArg = typer.Argument(None, help="Job id (default: the newest job vidcap submitted for the profile).")
+LocalOpt = typer.Option(False, "--local", help="The local executor: the job script as a local process.")
+JsonOpt = typer.Option(False, "--json", help="Print JSON on stdout.")
+
+
+@contextlib.contextmanager
+def _executor(config_path: Path | None, profile: str | None, local: bool) -> Iterator[tuple]:
+    cfg, _ = config.load(config_path)
+    name = profile_name(cfg, profile)
+    ex = jobs.open_executor(cfg.profile(name), local)
+    try:
+        yield cfg, name, ex
+    finally:
+        ex.close()
+
+
+def _status_dict(rec: jobs.JobRecord, status: JobStatus) -> dict:
+    return {
+        "id": rec.id,
+        "profile": rec.profile,
+        "model": rec.model,
+        "executor": rec.executor,
+        "state": status.state.value,
+        "reason": status.reason,
+        "node": status.node,
+        "start": status.start,
+        "elapsed": status.elapsed,
+        "exit_code": status.exit_code,
+        "describe": status.describe(),
+        "log": rec.log,
+        "job_dir": rec.job_dir,
+        "submitted": rec.submitted,
+    }
+
+
+@job_app.command("submit")
+def job_submit(
+    local: bool = LocalOpt,
+    new: bool = typer.Option(False, "--new", help="Submit even when a healthy job already serves the model."),
+    time_limit: str | None = typer.Option(None, "--time", help="Time limit (overrides job.time)."),
+    partition: str | None = typer.Option(None, "--partition", help="Partition (overrides job.partition)."),
+    wait: bool = typer.Option(False, "--wait", help="Then wait until the server is ready (like 'job wait')."),
+    timeout: float = typer.Option(3600.0, "--timeout", help="With --wait: give up after this many seconds."),
+    as_json: bool = JsonOpt,
+    profile: str | None = ProfileOpt,
+    config_path: Path | None = ConfigOpt,
+) -> None:
+    """Submit the job that serves the profile's model (vLLM + the file server on one GPU node).
+
+    A healthy vidcap job serving the same model for this profile is reused unless --new.
+    """
+    try:
+        with _executor(config_path, profile, local) as (cfg, name, ex):
+            done = jobs.submit(ex, cfg, name, new=new, time_limit=time_limit, partition=partition)
+            rec = done.record
+            result = {"id": rec.id, "reused": done.reused is not None, "record": rec.to_dict()}
+            if done.reused is not None:
+                err.print(
+                    f"job {rec.id} already serves {rec.model} on {done.reused.node} (healthy): reusing it; "
+                    "--new submits another",
+                    highlight=False,
+                )
+            else:
+                err.print(
+                    f"submitted job {rec.id} ({rec.preset}: {rec.model}, {ex.kind}); log {rec.log}",
+                    highlight=False,
+                )
+            if wait and done.reused is None:
+                ep = jobs.wait_ready(
+                    ex, rec, cfg.profile(name).paths.work_dir, timeout=timeout, **_reporter()
+                )
+                result["endpoint"] = ep.to_dict()
+                _ready_note(ep)
+            elif not wait and done.reused is None:
+                err.print(f"next: vidcap job wait {rec.id}", highlight=False)
+    except VidcapError as exc:
+        _fail(exc)
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(rec.id)
+
+
+def _reporter() -> dict:
+    """A live status line on a terminal, a line per change otherwise."""
+    last = {"text": ""}
+
+    def report(p: jobs.Progress) -> None:
+        if p.phase != last["text"]:
+            last["text"] = p.phase
+            err.print(f"job {p.status.job_id}: {p.phase}", highlight=False)
+
+    return {"on_progress": report}
+
+
+def _ready_note(ep: jobs.JobEndpoint) -> None:
+    err.print(
+        f"ready: {ep.model} on {ep.node} (vLLM port {ep.vllm_port}, files port {ep.files_port}); "
+        "next: vidcap tunnel up, or vidcap caption PROFILE:PATH",
+        highlight=False,
+    )
+
+
+@job_app.command("wait")
+def job_wait(
+    job_id: str | None = JobArg,
+    timeout: float = typer.Option(3600.0, "--timeout", help="Give up after this many seconds (exit 3)."),
+    poll: float = typer.Option(2.0, "--poll", min=0.1, help="Seconds between checks."),
+    local: bool = LocalOpt,
+    as_json: bool = JsonOpt,
+    profile: str | None = ProfileOpt,
+    config_path: Path | None = ConfigOpt,
+) -> None:
+    """Wait until the job's server is ready: RUNNING, endpoint written, /health 200 and the model listed.
+
+    On failure: the Slurm state and reason (e.g. PENDING (Resources), est. start) and the log's tail; exit 3.
+    """
+    try:
+        with _executor(config_path, profile, local) as (cfg, name, ex):
+            rec = jobs.resolve_record(ex, cfg, name, job_id)
+            work_dir = cfg.profile(name).paths.work_dir
+            with (
+                err.status(f"job {rec.id}: checking") if err.is_terminal else contextlib.nullcontext() as spin
+            ):
+                report = _reporter()["on_progress"]
+
+                def show(p: jobs.Progress) -> None:
+                    if spin is not None:
+                        spin.update(f"job {rec.id}: {p.phase}")
+                    else:
+                        report(p)
+
+                ep = jobs.wait_ready(ex, rec, work_dir, timeout=timeout, poll=poll, on_progress=show)
+    except VidcapError as exc:
+        _fail(exc)
+    if as_json:
+        print(json.dumps(ep.to_dict(), indent=2))
+    else:
+        _ready_note(ep)
+
+
+@job_app.command("status")
+def job_status(
+    job_id: str | None = JobArg,
+    local: bool = LocalOpt,
+    as_json: bool = JsonOpt,
+    profile: str | None = ProfileOpt,
+    config_path: Path | None = ConfigOpt,
+) -> None:
+    """The job's Slurm state (squeue, then sacct once it has left the queue), reason, node and endpoint."""
+    try:
+        with _executor(config_path, profile, local) as (cfg, name, ex):
+            rec = jobs.resolve_record(ex, cfg, name, job_id)
+            status = jobs.status_of(ex, rec)
+            row = _status_dict(rec, status)
+            ep = jobs.endpoint_of(ex, rec.id, cfg.profile(name).paths.work_dir)
+            row["endpoint"] = ep.to_dict() if ep is not None else None
+    except VidcapError as exc:
+        _fail(exc)
+    if as_json:
+        print(json.dumps(row, indent=2))
+        return
+    out.print(f"job {rec.id}: {status.describe()}", highlight=False)
+    if ep is not None:
+        out.print(
+            f"  endpoint: {ep.model} on {ep.node}, vLLM port {ep.vllm_port}, files port {ep.files_port}"
+        )
+    out.print(f"  log: {rec.log}", highlight=False)
+
+
+@job_app.command("logs")
+def job_logs(
+    job_id: str | None = JobArg,
+    follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing until the job ends."),
+    lines: int = typer.Option(50, "--lines", "-n", min=0, help="Lines of the end of the log to print first."),
+    local: bool = LocalOpt,
+    profile: str | None = ProfileOpt,
+    config_path: Path | None = ConfigOpt,
+) -> None:
+    """Print the job's log (vLLM's and the file server's output, and the job script's own lines)."""
+
+    def write(data: bytes) -> None:
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+
+    try:
+        with _executor(config_path, profile, local) as (cfg, name, ex):
+            rec = jobs.resolve_record(ex, cfg, name, job_id)
+            jobs.follow_log(ex, rec, write, lines=lines, follow=follow)
+    except VidcapError as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+
+
+@job_app.command("cancel")
+def job_cancel(
+    job_id: str | None = JobArg,
+    local: bool = LocalOpt,
+    profile: str | None = ProfileOpt,
+    config_path: Path | None = ConfigOpt,
+) -> None:
+    """Cancel the job (scancel); its servers stop and its endpoint and secrets are removed."""
+    try:
+        with _executor(config_path, profile, local) as (cfg, name, ex):
+            rec = jobs.resolve_record(ex, cfg, name, job_id)
+            jobs.cancel(ex, rec)
+    except VidcapError as exc:
+        _fail(exc)
+    err.print(f"cancelled job {rec.id}", highlight=False)
+
+
+@job_app.command("list")
+def job_list(
+    local: bool = LocalOpt,
+    all_profiles: bool = typer.Option(False, "--all", help="Jobs of every profile."),
+    as_json: bool = JsonOpt,
+    profile: str | None = ProfileOpt,
+    config_path: Path | None = ConfigOpt,
+) -> None:
+    """The jobs vidcap submitted, with their state now (local records reconciled with Slurm)."""
+    try:
+        with _executor(config_path, profile, local) as (_cfg, name, ex):
+            rows = [_status_dict(r, s) for r, s in jobs.list_jobs(ex, None if all_profiles else name)]
+    except VidcapError as exc:
+        _fail(exc)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(title="vidcap jobs")
+    for col in ("job", "profile", "model", "state", "node", "elapsed", "submitted"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(
+            r["id"],
+            r["profile"],
+            r["model"],
+            r["describe"],
+            r["node"] or "",
+            r["elapsed"] or "",
+            r["submitted"],
+        )
+    out.print(table)

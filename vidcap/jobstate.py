@@ -1,0 +1,73 @@
+"""Local state of the jobs vidcap submitted: one 0600 JSON file per job under ``<state dir>/jobs/``.
+Slurm stays the truth for a job's state; a record only says which jobs are ours, with which profile,
+model and paths."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from vidcap import config
+from vidcap.store import atomic_write
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# -- endpoints ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    id: str
+    profile: str
+    executor: str  # "slurm" | "local"
+    preset: str
+    model: str  # the name the server answers to
+    name: str
+    job_dir: str  # cluster path: absolute or relative to the cluster home
+    log: str
+    submitted: str
+    pid: int | None = None  # local executor: the wrapper process
+    cancelled: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def records_dir() -> Path:
+    path = config.state_dir() / "jobs"
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return path
+
+
+def _record_path(job_id: str) -> Path:
+    return records_dir() / f"{job_id}.json"
+
+
+def save_record(rec: JobRecord) -> None:
+    path = _record_path(rec.id)
+    atomic_write(path, json.dumps(rec.to_dict(), indent=2) + "\n")
+    os.chmod(path, 0o600)
+
+
+def load_records(profile: str | None = None) -> list[JobRecord]:
+    """The jobs vidcap submitted (for ``profile``, or all), oldest first."""
+    found = []
+    for path in records_dir().glob("*.json"):
+        try:
+            rec = JobRecord(**json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError, TypeError):
+            continue  # a foreign or damaged file is not one of ours
+        if profile is None or rec.profile == profile:
+            found.append(rec)
+    return sorted(found, key=lambda r: (r.submitted, r.id))
+
+
+def find_record(job_id: str) -> JobRecord | None:
+    return next((r for r in load_records() if r.id == job_id), None)

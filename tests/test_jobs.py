@@ -1,0 +1,348 @@
+"""The server job end to end, through the CLI: real Slurm (tests/slurm.py), reached through a real sshd
+(tests/sshd.py) whose sessions see the test cluster's SLURM_CONF, with the vLLM stand-in as the job's
+server command. Nobody types a node or a port: the endpoint is discovered from the running job."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import videos
+from sshd import SSHServer
+
+from slurm import FINAL_STATES, SlurmCluster, SlurmError, pids_with_env
+from vidcap.records import CaptionRecord
+
+pytestmark = pytest.mark.timeout(300)
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+VIDCAP = str(BIN / "vidcap")
+PIXELS = 160 * 128
+STANDIN = [sys.executable, "-m", "tests.standin.server", "--video-max-pixels", str(PIXELS)]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def login_node(slurm_cluster: SlurmCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SSHServer]:
+    """An sshd whose sessions find the test cluster, as a login node's sessions find theirs."""
+    server = SSHServer(tmp_path_factory.mktemp("login-sshd"))
+    with server.config_path.open("a") as fh:
+        fh.write(f"SetEnv SLURM_CONF={slurm_cluster.env['SLURM_CONF']}\n")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def toml(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {toml(v)}" for k, v in value.items()) + "}"
+    return json.dumps(value)  # JSON strings, numbers, booleans and lists are valid TOML
+
+
+@dataclass
+class Site:
+    """A config for one profile, 'cluster', and the jobs the test submitted (cancelled at the end)."""
+
+    path: Path
+    work: Path
+    videos: Path
+    sections: dict[str, dict[str, Any]]
+    good: set[str]  # the corpus's videos that should get a caption
+    submitted: list[str] = field(default_factory=list)
+
+    def write(self) -> None:
+        lines = ['default_profile = "cluster"']
+        for name, values in self.sections.items():
+            lines.append(f"[profiles.cluster.{name}]")
+            lines += [f"{k} = {toml(v)}" for k, v in values.items() if v is not None]
+        self.path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    def set(self, section: str, **values: Any) -> None:
+        self.sections.setdefault(section, {}).update(values)
+        self.write()
+
+    def cli(
+        self, *args: str, timeout: float = 240, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        res = subprocess.run(
+            [VIDCAP, *args, "--config", str(self.path)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env={**os.environ, **(env or {})},
+        )
+        if args[:2] == ("job", "submit") and res.returncode == 0:
+            out = res.stdout.strip()
+            self.submitted.append(json.loads(out)["id"] if "--json" in args else out.splitlines()[-1])
+        return res
+
+    def submit(self, *args: str) -> str:
+        res = self.cli("job", "submit", "--json", *args)
+        assert res.returncode == 0, res.stderr
+        return str(json.loads(res.stdout)["id"])
+
+    def endpoint(self, job: str) -> dict[str, Any]:
+        return json.loads((self.work / "jobs" / job / "endpoint.json").read_text())
+
+
+@pytest.fixture
+def site(
+    login_node: SSHServer, slurm_cluster: SlurmCluster, corpus: videos.Corpus, tmp_path: Path
+) -> Iterator[Site]:
+    login_node.reset()
+    work = tmp_path / "work"
+    s = Site(
+        path=tmp_path / "vidcap.toml",
+        work=work,
+        videos=corpus.root,
+        good={str(p) for p in corpus.good},
+        sections={
+            "ssh": {k: v for k, v in login_node.ssh_config().model_dump().items() if v is not None},
+            "paths": {"videos_dir": str(corpus.root), "work_dir": str(work)},
+            "job": {
+                "gres": "",
+                "cpus": 1,
+                "mem": "1G",
+                "time": "00:15:00",
+                "setup": [f'export PATH="{BIN}:$PATH"'],
+                "env": {"PYTHONPATH": str(REPO), "VIDCAP_READY_TIMEOUT": "90"},
+            },
+            "server": {
+                "served_name": "qwen3-omni",
+                "command": STANDIN,
+                "local_vllm_port": free_port(),
+                "local_files_port": free_port(),
+            },
+            "caption": {"max_pixels": PIXELS, "concurrency": 4, "server_wait": 60.0},
+        },
+    )
+    s.write()
+    try:
+        yield s
+    finally:
+        s.cli("tunnel", "down")
+        for job in s.submitted:
+            slurm_cluster.run("scancel", job, check=False)
+        for job in s.submitted:
+            with contextlib.suppress(SlurmError):
+                slurm_cluster.wait_state(job, FINAL_STATES, timeout=30)
+
+
+def records(out: Path) -> dict[str, CaptionRecord]:
+    found = {}
+    for path in out.rglob("*.json") if out.exists() else []:
+        if "_vidcap" not in path.relative_to(out).parts:
+            rec = CaptionRecord.model_validate_json(path.read_text(encoding="utf-8"))
+            found[rec.video.path] = rec
+    return found
+
+
+def job_processes(job: str) -> list[int]:
+    """Processes started by this Slurm job (they carry its id in their environment)."""
+    return [p for p in pids_with_env(f"SLURM_JOB_ID={job}".encode()) if Path(f"/proc/{p}").exists()]
+
+
+def test_submit_wait_tunnel_caption_cancel(site: Site, slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    job = site.submit()
+    assert job.isdigit()
+
+    res = site.cli("job", "wait", job, "--timeout", "120", "--poll", "0.5", "--json")
+    assert res.returncode == 0, res.stderr
+    ready = json.loads(res.stdout)
+    assert ready["job_id"] == job and ready["model"] == "qwen3-omni"
+    endpoint = site.endpoint(job)
+    assert (ready["vllm_port"], ready["files_port"]) == (endpoint["vllm_port"], endpoint["files_port"])
+    secrets = site.work / "jobs" / job / "secrets.json"
+    assert secrets.stat().st_mode & 0o777 == 0o600
+    api_key = json.loads(secrets.read_text())["api_key"]
+
+    status = json.loads(site.cli("job", "status", job, "--json").stdout)
+    assert status["state"] == "RUNNING" and status["endpoint"]["vllm_port"] == endpoint["vllm_port"]
+
+    # a second submit reuses the healthy job instead of queueing another
+    res = site.cli("job", "submit")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == job and "reusing" in res.stderr
+
+    res = site.cli("tunnel", "up", "--json")
+    assert res.returncode == 0, res.stderr
+    tunnel = json.loads(res.stdout)
+    assert tunnel["job_id"] == job
+    assert sorted(tunnel["targets"]) == sorted(
+        [
+            f"files={site.sections['server']['local_files_port']}:{endpoint['node']}:{endpoint['files_port']}",
+            f"vllm={site.sections['server']['local_vllm_port']}:{endpoint['node']}:{endpoint['vllm_port']}",
+        ]
+    )
+
+    out = tmp_path / "captions"
+    res = site.cli("caption", f"cluster:{site.videos}", "--out", str(out), "--json")
+    assert res.returncode == 1, res.stderr  # the corpus's bad files fail; every good video is captioned
+    assert set(records(out)) == site.good
+    summary = json.loads(res.stdout)
+    assert summary["counts"]["done"] == len(site.good)
+    assert {r.server.job_id for r in records(out).values()} <= {job, None}
+    for text in (res.stdout, res.stderr, *(p.read_text() for p in out.rglob("*.json*"))):
+        assert api_key not in text
+
+    res = site.cli("job", "list", "--json")
+    assert [(r["id"], r["state"]) for r in json.loads(res.stdout)] == [(job, "RUNNING")]
+
+    res = site.cli("job", "cancel", job)
+    assert res.returncode == 0, res.stderr
+    assert slurm_cluster.wait_state(job, "CANCELLED", timeout=30) == "CANCELLED"
+    deadline = time.monotonic() + 30
+    while job_processes(job) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert job_processes(job) == []
+    assert not (site.work / "jobs" / job / "endpoint.json").exists()
+    assert not secrets.exists()
+    status = json.loads(site.cli("job", "status", job, "--json").stdout)
+    assert status["state"] == "CANCELLED" and status["endpoint"] is None
+    logs = site.cli("job", "logs", job)
+    assert logs.returncode == 0 and f"job {job} on" in logs.stdout and "ready:" in logs.stdout
+    assert api_key not in logs.stdout
+
+
+def test_a_server_that_exits_at_start_fails_wait_fast_with_the_log(site: Site) -> None:
+    crash = "import sys; print('boom: CUDA driver version is insufficient', flush=True); sys.exit(7)"
+    site.set("server", command=[sys.executable, "-c", crash])
+    job = site.submit()
+    t0 = time.monotonic()
+    res = site.cli("job", "wait", job, "--timeout", "120", "--poll", "0.5")
+    took = time.monotonic() - t0
+    assert res.returncode == 3, res.stderr
+    assert took < 60, f"wait took {took:.0f} s to notice"
+    assert f"job {job} ended before it was ready: FAILED" in res.stderr
+    assert "boom: CUDA driver version is insufficient" in res.stderr  # the log's tail
+    assert "exited with status 7" in res.stderr
+
+
+def test_a_job_that_cannot_be_scheduled_times_out_naming_the_reason(site: Site) -> None:
+    site.set("job", gres="gpu:h100:1")
+    job = site.submit()
+    res = site.cli("job", "wait", job, "--timeout", "4", "--poll", "0.5")
+    assert res.returncode == 3, res.stderr
+    assert f"job {job} was not ready after 4 s: PENDING" in res.stderr
+    assert "ReqNodeNotAvail" in res.stderr
+    status = json.loads(site.cli("job", "status", job, "--json").stdout)
+    assert status["state"] == "PENDING" and "ReqNodeNotAvail" in status["reason"]
+    assert site.cli("job", "cancel", job).returncode == 0
+
+
+def test_two_jobs_on_one_node_never_collide_on_ports(site: Site) -> None:
+    first = site.submit()
+    second = site.submit("--new")
+    assert first != second
+    for job in (first, second):
+        res = site.cli("job", "wait", job, "--timeout", "120", "--poll", "0.5")
+        assert res.returncode == 0, res.stderr
+    a, b = site.endpoint(first), site.endpoint(second)
+    assert a["node"] == b["node"]
+    assert len({a["vllm_port"], a["files_port"], b["vllm_port"], b["files_port"]}) == 4
+    listed = json.loads(site.cli("job", "list", "--json").stdout)
+    assert {r["id"]: r["state"] for r in listed} == {first: "RUNNING", second: "RUNNING"}
+
+
+def test_a_job_cancelled_mid_caption_stops_the_run_and_a_new_job_completes_it(
+    site: Site, slurm_cluster: SlurmCluster, tmp_path: Path
+) -> None:
+    requests = tmp_path / "requests.jsonl"
+    site.set("server", command=[*STANDIN, "--latency", "0.7", "--log-file", str(requests)])
+    site.set("caption", max_pixels=PIXELS, concurrency=2, server_wait=120.0)
+    first = site.submit()
+    assert site.cli("job", "wait", first, "--timeout", "120", "--poll", "0.5").returncode == 0
+    out = tmp_path / "captions"
+    proc = subprocess.Popen(
+        [
+            VIDCAP,
+            "caption",
+            f"cluster:{site.videos}",
+            "--out",
+            str(out),
+            "--json",
+            "--config",
+            str(site.path),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "VIDCAP_JOB_WATCH_INTERVAL": "1"},
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while len(records(out)) < 2 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        assert len(records(out)) >= 2, proc.stderr.read() if proc.poll() is not None else "no records"
+        assert site.cli("job", "cancel", first).returncode == 0
+        t0 = time.monotonic()
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            proc.communicate(timeout=30)
+    stopped_after = time.monotonic() - t0
+    assert proc.returncode == 3, stderr
+    assert f"job {first} has ended (CANCELLED" in stderr and "rerun" in stderr
+    assert stopped_after < 30, f"the run took {stopped_after:.0f} s to stop (server_wait is 120 s)"
+    done_first = set(records(out))
+    good = site.good
+    assert 2 <= len(done_first) < len(good)
+    summary = json.loads(stdout)
+    assert summary["aborted"] and "CANCELLED" in summary["aborted"]
+
+    lines_before = len(requests.read_text().splitlines())
+    second = site.submit()
+    assert second != first
+    assert site.cli("job", "wait", second, "--timeout", "120", "--poll", "0.5").returncode == 0
+    res = site.cli("caption", f"cluster:{site.videos}", "--out", str(out), "--json")
+    assert res.returncode == 1, res.stderr  # only the corpus's bad files fail
+    assert set(records(out)) == good
+    asked_again = {json.loads(line)["video"] for line in requests.read_text().splitlines()[lines_before:]}
+    finished = {str(site.videos / p) for p in done_first}
+    assert not (asked_again & finished), "videos finished under the first job were sent again"
+
+
+def test_local_executor_runs_the_same_script_without_slurm(
+    site: Site, slurm_cluster: SlurmCluster, tmp_path: Path
+) -> None:
+    site.sections["ssh"] = {}
+    site.set("server", command=[*STANDIN])
+    env = {"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    res = site.cli("job", "submit", "--local", "--wait", "--timeout", "90", "--json", env=env)
+    assert res.returncode == 0, res.stderr
+    job = json.loads(res.stdout)["id"]
+    assert job.startswith("local-") and json.loads(res.stdout)["endpoint"]["model"] == "qwen3-omni"
+    assert slurm_cluster.run("squeue", "-h", "-o", "%i").stdout.strip() == ""  # Slurm was not used
+    listed = json.loads(site.cli("job", "list", "--json").stdout)
+    assert [(r["id"], r["state"], r["executor"]) for r in listed] == [(job, "RUNNING", "local")]
+    assert site.cli("job", "cancel", job).returncode == 0
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        state = json.loads(site.cli("job", "status", job, "--json").stdout)["state"]
+        if state != "RUNNING":
+            break
+        time.sleep(0.3)
+    assert state == "CANCELLED"
+    assert not (site.work / "jobs" / job / "endpoint.json").exists()
+    assert pids_with_env(f"VIDCAP_LOCAL_JOB_ID={job}".encode()) == []

@@ -336,6 +336,11 @@ def test_local_executor_runs_the_same_script_without_slurm(
     assert slurm_cluster.run("squeue", "-h", "-o", "%i").stdout.strip() == ""  # Slurm was not used
     listed = json.loads(site.cli("job", "list", "--json").stdout)
     assert [(r["id"], r["state"], r["executor"]) for r in listed] == [(job, "RUNNING", "local")]
+    # with no --server, caption finds the running local job's port and API key by itself
+    out = tmp_path / "captions"
+    res = site.cli("caption", str(site.videos), "--out", str(out), "--json")
+    assert res.returncode == 1, res.stderr  # the corpus's bad files fail
+    assert set(records(out)) == site.good
     assert site.cli("job", "cancel", job).returncode == 0
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:

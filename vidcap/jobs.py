@@ -366,3 +366,17 @@ def list_jobs(ex: Executor, profile_name: str | None) -> list[tuple[JobRecord, J
     recs = [r for r in load_records(profile_name) if r.executor == ex.kind]
     statuses = ex.statuses(recs)
     return [(r, statuses[r.id]) for r in recs]
+
+
+def local_endpoint(cfg: Config, profile: Profile) -> tuple[str, str | None] | None:
+    """(base URL, API key) of the profile's running local job (``job submit --local``), if any: a
+    workstation user captions with no --server once the job is up."""
+    from vidcap.executors import LocalExecutor
+
+    ex = LocalExecutor()
+    found = discover_all(ex, profile)
+    if not found:
+        return None
+    model = served_name(profile, choose_preset(cfg, profile))
+    ep = next((e for e in found if e.model == model), found[0])
+    return f"http://127.0.0.1:{ep.vllm_port}/v1", read_api_key(ex, ep)

@@ -1,5 +1,5 @@
-"""Turning a profile plus command-line options into a CaptionJob and an Endpoint (pure, no I/O but
-reading a prompt/API-key file)."""
+"""Turning a profile plus command-line options into a CaptionJob and an Endpoint (no I/O but reading a
+prompt/API-key file, and the endpoint of a running local job when no server is named)."""
 
 from __future__ import annotations
 
@@ -100,7 +100,16 @@ def resolve(cfg: Config, s: Settings) -> Resolved:
             raise UsageError(f"source {local} is not a directory")
     model = s.model or srv.served_name
     out = s.out or (Path(cap.out) if cap.out else Path("captions") / model_tag(s.model or srv.model))
-    url = s.server or srv.url or f"http://127.0.0.1:{srv.local_vllm_port}/v1"
+    url = s.server or srv.url
+    api_key = read_api_key(s.api_key_file)
+    if remote is None and url is None and not profile.ssh.host:
+        from vidcap.jobs import local_endpoint
+
+        found = local_endpoint(cfg, profile)
+        if found is not None:
+            url, job_key = found
+            api_key = api_key or job_key
+    url = url or f"http://127.0.0.1:{srv.local_vllm_port}/v1"
     job = CaptionJob(
         source=local.resolve() if remote is None else f"{remote}:{path}",
         out=out.expanduser().resolve(),
@@ -126,4 +135,4 @@ def resolve(cfg: Config, s: Settings) -> Resolved:
     )
     if remote is not None:
         return Resolved(job, None, (remote, path))
-    return Resolved(job, Endpoint(normalize_url(url), read_api_key(s.api_key_file)))
+    return Resolved(job, Endpoint(normalize_url(url), api_key))

@@ -217,6 +217,8 @@ def test_submit_wait_tunnel_caption_cancel(site: Site, slurm_cluster: SlurmClust
     assert job_processes(job) == []
     assert not (site.work / "jobs" / job / "endpoint.json").exists()
     assert not secrets.exists()
+    # the tunnel to the cancelled job's servers went down with it
+    assert json.loads(site.cli("tunnel", "status", "--json").stdout)[0]["status"] == "down"
     status = json.loads(site.cli("job", "status", job, "--json").stdout)
     assert status["state"] == "CANCELLED" and status["endpoint"] is None
     logs = site.cli("job", "logs", job)
@@ -303,7 +305,7 @@ def test_a_job_cancelled_mid_caption_stops_the_run_and_a_new_job_completes_it(
             proc.communicate(timeout=30)
     stopped_after = time.monotonic() - t0
     assert proc.returncode == 3, stderr
-    assert f"job {first} has ended (CANCELLED" in stderr and "rerun" in stderr
+    assert f"job {first} has ended: CANCELLED" in stderr and "rerun" in stderr
     assert stopped_after < 30, f"the run took {stopped_after:.0f} s to stop (server_wait is 120 s)"
     done_first = set(records(out))
     good = site.good

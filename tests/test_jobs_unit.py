@@ -93,3 +93,16 @@ def test_a_half_written_endpoint_section_is_a_usage_error() -> None:
     located = remote.locate(object(), cfg, "a")  # named by hand: no cluster query at all
     assert [t.spec() for t in located.targets] == ["vllm=8000:gpu1:1", "files=8080:gpu1:2"]
     assert located.secrets_path == "s.json" and located.job_id is None
+
+
+def test_a_preset_without_audio_turns_auto_audio_off_and_names_the_output(tmp_path) -> None:
+    from vidcap import options
+
+    cfg = parse({"profiles": {"local": {"server": {"preset": "qwen3-vl-8b"}}}})
+    resolved = options.resolve(cfg, options.Settings(source=str(tmp_path), server="http://127.0.0.1:1/v1"))
+    assert resolved.job.audio == "off"
+    assert resolved.job.out.name == "qwen3-vl"
+    forced = options.resolve(cfg, options.Settings(source=str(tmp_path), server="http://x:1/v1", audio="on"))
+    assert forced.job.audio == "on"  # what the user asks for explicitly is kept
+    omni = options.resolve(parse({}), options.Settings(source=str(tmp_path), server="http://x:1/v1"))
+    assert (omni.job.audio, omni.job.out.name) == ("auto", "qwen3-omni")

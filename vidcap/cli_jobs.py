@@ -11,7 +11,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from vidcap import config, jobs
+from vidcap import config, jobs, tunnel
 from vidcap.cli_common import ConfigOpt, ProfileOpt, _fail, err, out, profile_name
 from vidcap.errors import VidcapError
 from vidcap.slurm_parse import JobStatus
@@ -93,7 +93,7 @@ def job_submit(
                     ex, rec, cfg.profile(name).paths.work_dir, timeout=timeout, **_reporter()
                 )
                 result["endpoint"] = ep.to_dict()
-                _ready_note(ep)
+                _ready_note(ep, ex.kind)
             elif not wait and done.reused is None:
                 err.print(f"next: vidcap job wait {rec.id}", highlight=False)
     except VidcapError as exc:
@@ -116,10 +116,14 @@ def _reporter() -> dict:
     return {"on_progress": report}
 
 
-def _ready_note(ep: jobs.JobEndpoint) -> None:
+def _ready_note(ep: jobs.JobEndpoint, kind: str) -> None:
+    if kind == "local":
+        following = "vidcap caption DIR (it finds this job's port and key by itself)"
+    else:
+        following = "vidcap tunnel up, or vidcap caption PROFILE:PATH"
     err.print(
         f"ready: {ep.model} on {ep.node} (vLLM port {ep.vllm_port}, files port {ep.files_port}); "
-        "next: vidcap tunnel up, or vidcap caption PROFILE:PATH",
+        f"next: {following}",
         highlight=False,
     )
 
@@ -159,7 +163,7 @@ def job_wait(
     if as_json:
         print(json.dumps(ep.to_dict(), indent=2))
     else:
-        _ready_note(ep)
+        _ready_note(ep, ex.kind)
 
 
 @job_app.command("status")
@@ -227,10 +231,17 @@ def job_cancel(
     try:
         with _executor(config_path, profile, local) as (cfg, name, ex):
             rec = jobs.resolve_record(ex, cfg, name, job_id)
+            ep = jobs.endpoint_of(ex, rec.id, cfg.profile(name).paths.work_dir)
             jobs.cancel(ex, rec)
     except VidcapError as exc:
         _fail(exc)
     err.print(f"cancelled job {rec.id}", highlight=False)
+    # A tunnel to the cancelled job's servers would only forward to a closed port.
+    state = tunnel.read_state(name)
+    if ep is not None and state is not None:
+        remote_ends = {(t.remote_host, t.remote_port) for t in map(tunnel.Target.parse, state["targets"])}
+        if (ep.node, ep.vllm_port) in remote_ends and tunnel.down(name):
+            err.print(f"stopped the tunnel of profile {name!r} to that job", highlight=False)
 
 
 @job_app.command("list")

@@ -12,6 +12,7 @@ from vidcap.client import Endpoint, normalize_url
 from vidcap.config import Config, model_tag
 from vidcap.discovery import parse_shard
 from vidcap.errors import UsageError
+from vidcap.jobs import choose_preset
 
 MEDIA = ("file", "http", "inline")
 AUDIO = ("auto", "on", "off")
@@ -82,8 +83,11 @@ def resolve(cfg: Config, s: Settings) -> Resolved:
         raise UsageError(f"SOURCE names profile {remote!r} but --profile says {s.profile!r}")
     profile = cfg.profile(remote or s.profile)
     cap, srv = profile.caption, profile.server
+    preset = choose_preset(cfg, profile)
     media = s.media or cap.media
     audio = s.audio or cap.audio
+    if audio == "auto" and not preset.audio:
+        audio = "off"  # the preset's model takes no audio item: vLLM would refuse every such request
     if media not in MEDIA:
         raise UsageError(f"--media must be one of {', '.join(MEDIA)} (got {media!r})")
     if audio not in AUDIO:
@@ -99,7 +103,8 @@ def resolve(cfg: Config, s: Settings) -> Resolved:
         if not local.is_dir():
             raise UsageError(f"source {local} is not a directory")
     model = s.model or srv.served_name
-    out = s.out or (Path(cap.out) if cap.out else Path("captions") / model_tag(s.model or srv.model))
+    tag = model_tag(s.model or preset.model)
+    out = s.out or (Path(cap.out) if cap.out else Path("captions") / tag)
     url = s.server or srv.url
     api_key = read_api_key(s.api_key_file)
     if remote is None and url is None and not profile.ssh.host:

@@ -188,7 +188,7 @@ def _job_watcher(
                 ex, ended = await asyncio.to_thread(check, ex)
                 if ended:
                     raise ServerUnreachableError(
-                        f"job {job_id} has ended ({ended}), so its server is gone. Captions written so far "
+                        f"job {job_id} has ended: {ended}; its server is gone. Captions written so far "
                         "are kept: submit a new job ('vidcap job submit', 'vidcap job wait') and rerun this "
                         "command to caption the rest"
                     )

@@ -20,8 +20,9 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,8 +67,9 @@ def descendants(pid: int) -> list[int]:
 
 
 class SSHServer:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, extra_config: Sequence[str] = ()) -> None:
         self.root = root
+        self.extra_config = list(extra_config)  # sshd_config lines appended after ours
         self.host = HOST
         self.user = getpass.getuser()
         self.port = _free_port()
@@ -105,10 +107,10 @@ class SSHServer:
             "MaxStartups 100",
             "PerSourcePenalties no",
         ]
-        self.config_path.write_text("\n".join(lines) + "\n")
+        self.config_path.write_text("\n".join([*lines, *self.extra_config]) + "\n")
         if subprocess.run([SSHD, "-t", "-f", str(self.config_path)], capture_output=True).returncode != 0:
             # Older sshd (< 9.8) does not know PerSourcePenalties and has no penalties to turn off.
-            self.config_path.write_text("\n".join(lines[:-1]) + "\n")
+            self.config_path.write_text("\n".join([*lines[:-1], *self.extra_config]) + "\n")
         check = subprocess.run([SSHD, "-t", "-f", str(self.config_path)], capture_output=True, text=True)
         if check.returncode != 0:
             raise RuntimeError(f"sshd rejects the test config: {check.stderr}")
@@ -213,12 +215,27 @@ class SSHServer:
         return ""
 
 
-@pytest.fixture(scope="session")
-def sshd_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SSHServer]:
+def _require_sshd() -> None:
     if not Path(SSHD).exists() or shutil.which("ssh-keygen") is None:
         from conftest import require_integration
 
         require_integration("OpenSSH sshd (/usr/sbin/sshd) and ssh-keygen")
+
+
+def set_env_line(env: dict[str, str]) -> str:
+    """The one sshd_config ``SetEnv`` line (OpenSSH >= 8.7) for all of ``env``: sshd uses only the first
+    SetEnv line it reads, so a second one would be ignored without a word."""
+    words = []
+    for name, value in env.items():
+        if any(ch in name + value for ch in '"\\\n'):
+            raise ValueError(f"SetEnv {name}={value!r} cannot be written on an sshd_config line")
+        words.append(f'"{name}={value}"')
+    return "SetEnv " + " ".join(words)
+
+
+@pytest.fixture(scope="session")
+def sshd_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SSHServer]:
+    _require_sshd()
     server = SSHServer(tmp_path_factory.mktemp("sshd"))
     server.start()
     try:
@@ -232,3 +249,34 @@ def sshd_server(sshd_session: SSHServer) -> Iterator[SSHServer]:
     sshd_session.reset()
     yield sshd_session
     sshd_session.kill_connections()
+
+
+# The PATH sshd gives a root session on Debian, after the venv's bin (see slurm_sshd).
+LOGIN_PATH = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
+
+
+def venv_bin() -> str:
+    return str(Path(sys.executable).parent)
+
+
+@pytest.fixture(scope="module")
+def slurm_sshd(slurm_cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SSHServer]:
+    """An sshd of its own that plays the login node of the test Slurm (``slurm_cluster``).
+
+    Every command run through it starts with that cluster's ``SLURM_CONF`` and with this venv's bin first
+    on PATH (sshd_config ``SetEnv``), so ``sinfo``, ``squeue``, ``sbatch``, ``sacct``, ``scancel`` and
+    ``vidcap`` resolve with no prefix in the command, as on a real login node; jobs submitted through it
+    inherit both (sbatch exports the environment). The login shell's rc files still run and may
+    put their own directories before that PATH (root's ~/.bashrc here adds pyenv's shims, so ``python3``
+    is not necessarily the venv's), as they would on a cluster. Same keys and known_hosts layout as
+    ``sshd_server``; ``ssh_config()`` gives the SSHConfig. Module-scoped: a test that changes it
+    (rotate_host_key, stop) calls ``reset()`` when done.
+    """
+    _require_sshd()
+    env = {"SLURM_CONF": str(slurm_cluster.conf_path), "PATH": os.pathsep.join([venv_bin(), *LOGIN_PATH])}
+    server = SSHServer(tmp_path_factory.mktemp("slurm-sshd"), extra_config=[set_env_line(env)])
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

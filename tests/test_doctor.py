@@ -19,9 +19,10 @@ from typing import Any
 import pytest
 from sshd import venv_bin
 
-from vidcap import __version__, doctor
+from vidcap import __version__, doctor, slurm_parse
 from vidcap.config import parse
-from vidcap.doctor import Check, Gres, NodeGroup
+from vidcap.doctor import Check
+from vidcap.slurm_parse import Gres, NodeGroup
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -316,15 +317,18 @@ def test_a_running_local_job_and_its_server(local_job: tuple[Path, str]) -> None
 
 
 def test_gres_is_parsed_as_slurm_writes_it() -> None:
-    assert doctor.parse_gres("gpu:h100:8(S:0-1),shard:4") == (Gres("gpu", "h100", 8), Gres("shard", None, 4))
-    assert doctor.parse_gres("gpu:4(S:0,1)") == (Gres("gpu", None, 4),)
-    assert doctor.parse_gres("gpu") == (Gres("gpu", None, 1),)
-    assert doctor.parse_gres("gpu:a100-sxm4-80gb") == (Gres("gpu", "a100-sxm4-80gb", 1),)
-    assert doctor.parse_gres("mps:2K") == (Gres("mps", None, 2048),)
-    assert doctor.parse_gres("(null)") == ()
+    assert slurm_parse.parse_gres("gpu:h100:8(S:0-1),shard:4") == (
+        Gres("gpu", "h100", 8),
+        Gres("shard", None, 4),
+    )
+    assert slurm_parse.parse_gres("gpu:4(S:0,1)") == (Gres("gpu", None, 4),)
+    assert slurm_parse.parse_gres("gpu") == (Gres("gpu", None, 1),)
+    assert slurm_parse.parse_gres("gpu:a100-sxm4-80gb") == (Gres("gpu", "a100-sxm4-80gb", 1),)
+    assert slurm_parse.parse_gres("mps:2K") == (Gres("mps", None, 2048),)
+    assert slurm_parse.parse_gres("(null)") == ()
     for bad in ("gpu:a:b:1", ":1", "gpu::1"):
         with pytest.raises(ValueError):
-            doctor.parse_gres(bad)
+            slurm_parse.parse_gres(bad)
 
 
 def test_sinfo_lines_and_what_a_node_can_hold() -> None:
@@ -334,13 +338,13 @@ def test_sinfo_lines_and_what_a_node_can_hold() -> None:
         "cpu|down|(null)|10|idle~|c[01-10]\n"
         "garbage line\n"
     )
-    groups = doctor.parse_sinfo(text)
+    groups = slurm_parse.parse_sinfo(text)
     assert groups[0] == NodeGroup("gpu", True, "up", (Gres("gpu", "h100", 8),), 3, "mix", "g[01-03]")
     assert [g.usable for g in groups] == [True, False, True]
-    assert doctor.offers(groups[0].gres, doctor.parse_gres("gpu:H100:2"))
-    assert doctor.offers(groups[0].gres, doctor.parse_gres("gpu:8"))
-    assert not doctor.offers(groups[0].gres, doctor.parse_gres("gpu:h100:9"))
-    assert not doctor.offers(groups[2].gres, doctor.parse_gres("gpu:1"))
+    assert slurm_parse.offers(groups[0].gres, slurm_parse.parse_gres("gpu:H100:2"))
+    assert slurm_parse.offers(groups[0].gres, slurm_parse.parse_gres("gpu:8"))
+    assert not slurm_parse.offers(groups[0].gres, slurm_parse.parse_gres("gpu:h100:9"))
+    assert not slurm_parse.offers(groups[2].gres, slurm_parse.parse_gres("gpu:1"))
 
 
 def test_probe_lines_survive_setup_noise_and_stdin_readers() -> None:

@@ -1,6 +1,6 @@
 """The server job end to end, through the CLI: real Slurm (tests/slurm.py), reached through a real sshd
-(tests/sshd.py) whose sessions see the test cluster's SLURM_CONF, with the vLLM stand-in as the job's
-server command. Nobody types a node or a port: the endpoint is discovered from the running job."""
+(``slurm_sshd`` in tests/sshd.py) whose sessions see the test cluster's SLURM_CONF, with the vLLM stand-in
+as the job's server command. Nobody types a node or a port: the endpoint is found from the running job."""
 
 from __future__ import annotations
 
@@ -38,19 +38,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def login_node(slurm_cluster: SlurmCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SSHServer]:
-    """An sshd whose sessions find the test cluster, as a login node's sessions find theirs."""
-    server = SSHServer(tmp_path_factory.mktemp("login-sshd"))
-    with server.config_path.open("a") as fh:
-        fh.write(f"SetEnv SLURM_CONF={slurm_cluster.env['SLURM_CONF']}\n")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def toml(value: Any) -> str:
@@ -107,9 +94,9 @@ class Site:
 
 @pytest.fixture
 def site(
-    login_node: SSHServer, slurm_cluster: SlurmCluster, corpus: videos.Corpus, tmp_path: Path
+    slurm_sshd: SSHServer, slurm_cluster: SlurmCluster, corpus: videos.Corpus, tmp_path: Path
 ) -> Iterator[Site]:
-    login_node.reset()
+    slurm_sshd.reset()
     work = tmp_path / "work"
     s = Site(
         path=tmp_path / "vidcap.toml",
@@ -117,7 +104,7 @@ def site(
         videos=corpus.root,
         good={str(p) for p in corpus.good},
         sections={
-            "ssh": {k: v for k, v in login_node.ssh_config().model_dump().items() if v is not None},
+            "ssh": {k: v for k, v in slurm_sshd.ssh_config().model_dump().items() if v is not None},
             "paths": {"videos_dir": str(corpus.root), "work_dir": str(work)},
             "job": {
                 "gres": "",

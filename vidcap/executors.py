@@ -30,6 +30,7 @@ from vidcap.slurm_parse import (
 )
 
 JOB_NAME_PREFIX = "vidcap-"
+SLURM_TIMEOUT = 120.0
 # The local executor's wrapper: runs the job script, forwards SIGTERM to it (a background child of a
 # non-interactive shell ignores SIGINT, so cancel uses TERM) and records the exit status atomically.
 _LOCAL_WRAPPER = r"""
@@ -71,7 +72,8 @@ class SlurmExecutor:
         self.transport = transport
 
     def _run(self, argv: Sequence[str], **kw: Any) -> Any:
-        return self.transport.run(list(argv), check=False, **kw)
+        # a hung slurmctld must not hang every job verb: Slurm's own client timeout is about this long
+        return self.transport.run(list(argv), check=False, timeout=SLURM_TIMEOUT, **kw)
 
     def submit(self, script: str, work_dir: str) -> tuple[str, int | None]:
         # From $HOME: the script's relative #SBATCH paths are relative to the submit directory, and the

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 
@@ -120,3 +122,95 @@ def parse_sacct(text: str, job_id: str) -> JobStatus | None:
     """The status of ``job_id`` from ``sacct -X -n -P -o SACCT_FIELDS -j ID``; None when unknown."""
     parts = _find(text, job_id, 7)
     return _status(job_id, parts) if parts else None
+
+
+# sinfo -h -o: partition | avail | gres | node count | state | node list
+SINFO_FORMAT = "%P|%a|%G|%D|%t|%N"
+# sinfo %t states (the word without its *~#!%$@^- flags) in which a node takes no new job.
+_NO_NEW_JOBS = frozenset(
+    {"down", "drain", "drng", "drained", "draining", "fail", "failg", "failing", "futr", "future"}
+    | {"inval", "maint", "npc", "unk", "unknown"}
+)
+
+
+@dataclass(frozen=True)
+class Gres:
+    name: str
+    type: str | None
+    count: int
+
+    def __str__(self) -> str:
+        return ":".join([self.name, *([self.type] if self.type else []), str(self.count)])
+
+
+@dataclass(frozen=True)
+class NodeGroup:
+    """One line of ``sinfo -h -o SINFO_FORMAT``: nodes of a partition with the same gres and state."""
+
+    partition: str
+    default: bool
+    avail: str
+    gres: tuple[Gres, ...]
+    nodes: int
+    state: str
+    nodelist: str
+
+    @property
+    def usable(self) -> bool:
+        """Takes new jobs now or soon: idle, mixed, allocated, completing, powered down (it boots)."""
+        # a trailing * is "not responding", whatever the state
+        return not self.state.endswith("*") and self.state.rstrip("*~#!%$@^-").lower() not in _NO_NEW_JOBS
+
+
+def _count(text: str) -> int:
+    scale = {"k": 1024, "m": 1024**2, "g": 1024**3}.get(text[-1:].lower(), 1)
+    digits = text[:-1] if scale > 1 else text
+    if not digits.isdigit():
+        raise ValueError(f"{text!r} is not a count")
+    return int(digits) * scale
+
+
+def parse_gres(text: str) -> tuple[Gres, ...]:
+    """``gpu:h100:8(S:0-1),shard:4`` -> (gpu:h100:8, shard:4); ``(null)`` -> (). Each item is Slurm's
+    ``name[:type][:count]`` (no count = 1); ValueError for one that is not."""
+    found = []
+    for item in re.sub(r"\([^)]*\)", "", text.strip()).split(","):  # "(S:0,1)": socket bindings
+        if not item.strip():
+            continue
+        parts = item.strip().split(":")
+        count = _count(parts.pop()) if len(parts) > 1 and parts[-1][:1].isdigit() else 1
+        if len(parts) > 2 or not all(parts):
+            raise ValueError(f"{item.strip()!r} is not name[:type][:count]")
+        found.append(Gres(parts[0], parts[1] if len(parts) > 1 else None, count))
+    return tuple(found)
+
+
+def parse_sinfo(text: str) -> list[NodeGroup]:
+    groups = []
+    for line in text.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) != 6:
+            continue  # a warning, not a line of ours
+        partition, avail, gres, count, state, nodelist = parts
+        try:
+            offered = parse_gres(gres)
+        except ValueError:
+            offered = ()  # a gres this parser cannot read is not the one the profile asks for
+        default = partition.endswith("*")
+        nodes = int(count) if count.isdigit() else 0
+        groups.append(NodeGroup(partition.rstrip("*"), default, avail, offered, nodes, state, nodelist))
+    return groups
+
+
+def offers(offered: Sequence[Gres], wanted: Sequence[Gres]) -> bool:
+    """Whether one node with ``offered`` holds the whole request (every item, its type and count)."""
+
+    def has(w: Gres) -> bool:
+        return any(
+            o.name == w.name
+            and o.count >= w.count
+            and (w.type is None or w.type.lower() == (o.type or "").lower())
+            for o in offered
+        )
+
+    return all(has(w) for w in wanted)

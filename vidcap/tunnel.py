@@ -200,7 +200,9 @@ def status(profiles: Sequence[str]) -> list[dict[str, Any]]:
             t = Target.parse(spec)
             path = "/health" if t.name == "vllm" else "/"
             try:
-                code = httpx.get(f"http://127.0.0.1:{t.local_port}{path}", timeout=5.0).status_code
+                # trust_env=False: a proxy from the environment must not answer for our localhost forward
+                url = f"http://127.0.0.1:{t.local_port}{path}"
+                code = httpx.get(url, timeout=5.0, trust_env=False).status_code
                 # the file server answers 404 without its token: that still proves the path works
                 checks[t.name] = "ok" if code in (200, 404) else f"http {code}"
             except httpx.HTTPError as exc:

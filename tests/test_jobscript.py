@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import signal
 import socket
 import stat
@@ -371,6 +372,30 @@ def test_values_the_script_cannot_take_are_refused(change, message: str) -> None
         render(profile=profile, preset=load_presets()["qwen3-omni"], job_name="j")
 
 
+def test_the_guard_runs_from_the_same_installation_as_the_file_server() -> None:
+    assert jobscript.guard_argv(["vidcap"]) == ["vidcap-guard"]
+    assert jobscript.guard_argv(["/opt/my env/bin/vidcap"]) == ["/opt/my env/bin/vidcap-guard"]
+    assert jobscript.guard_argv(["uv", "run", "vidcap"]) == ["uv", "run", "vidcap-guard"]
+    assert jobscript.guard_argv(["/usr/bin/python3", "-m", "vidcap.cli"]) == [
+        "/usr/bin/python3",
+        "-m",
+        "vidcap.guard",
+    ]
+    for bad in (["python3", "-m", "other"], ["vidcap.cli"], ["my-vidcap"]):
+        with pytest.raises(ValueError, match=r"must end with 'vidcap' or '-m vidcap\.cli'"):
+            jobscript.guard_argv(bad)
+    text = render(
+        profile=Profile(),
+        preset=load_presets()["qwen3-omni"],
+        job_name="j",
+        vidcap_command=["/opt/my env/bin/python", "-m", "vidcap.cli"],
+    )
+    assert "\nGUARD=('/opt/my env/bin/python' -m vidcap.guard)\n" in text
+    # The console script the default command needs is declared, and installed in this environment.
+    assert 'vidcap-guard = "vidcap.guard:main"' in (REPO / "pyproject.toml").read_text(encoding="utf-8")
+    assert (Path(sys.executable).parent / "vidcap-guard").exists()
+
+
 # -- real runs ----------------------------------------------------------------------------------------------
 
 DUMPER = r"""
@@ -537,7 +562,7 @@ def jobs(tmp_path: Path):
             preset=kwargs.pop("preset", load_presets()["qwen3-omni"]),
             job_name=f"vidcap-{job_id}",
             server_command=kwargs.pop("server_command", [sys.executable, str(dumper), str(dump)]),
-            vidcap_command=[sys.executable, "-m", "vidcap.cli"],
+            vidcap_command=kwargs.pop("vidcap_command", [sys.executable, "-m", "vidcap.cli"]),
             **kwargs,
         )
         script = tmp_path / f"{job_id}.sbatch"
@@ -577,6 +602,37 @@ def jobs(tmp_path: Path):
                     os.kill(pid, signal.SIGKILL)
 
 
+def http_status(port: int, path: str, method: str = "GET", headers: dict[str, str] | None = None) -> int:
+    """The status of one request, sent as written: no client-side path clean-up."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        lines = [f"{method} {path} HTTP/1.1", f"Host: 127.0.0.1:{port}", "Content-Length: 0"]
+        lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        data = b""
+        while b"\r\n" not in data:
+            more = sock.recv(4096)
+            if not more:
+                break
+            data += more
+    return int(data.split(b" ", 2)[1])
+
+
+def child_running(run: Run, word: bytes) -> int:
+    """The job's child process with ``word`` among its argv words."""
+    for pid in run.children():
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if word in argv:
+            return pid
+    pytest.fail(f"no child of the job runs {word!r}")
+
+
+def guard_pid(run: Run) -> int:
+    return child_running(run, b"vidcap.guard")
+
+
 def files_health(port: int, token: str) -> dict:
     direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     with direct.open(f"http://127.0.0.1:{port}/t/{token}/health/", timeout=5) as resp:
@@ -598,11 +654,11 @@ def test_hostile_profile_runs_with_exact_argv_and_private_secrets(tmp_path: Path
         "--served-model-name",
         profile.server.served_name,
         "--host",
-        "0.0.0.0",
+        "127.0.0.1",
         "--allowed-local-media-path",
         str(videos),
         "--port",
-        str(endpoint["vllm_port"]),
+        str(endpoint["internal_port"]),
     ]
     assert json.loads(record["argv"][1]) == json.loads(HOSTILE_JSON)
     assert record["env"] == {
@@ -615,7 +671,7 @@ def test_hostile_profile_runs_with_exact_argv_and_private_secrets(tmp_path: Path
     assert run.job_dir == job_dir
     secrets = json.loads((job_dir / "secrets.json").read_text(encoding="utf-8"))
     assert set(secrets) == {"api_key", "files_token"} and all(len(v) >= 32 for v in secrets.values())
-    for name in ("secrets.json", "files.token", "endpoint.json"):
+    for name in ("secrets.json", "files.token", "endpoint.json", "files.port", "guard.port"):
         assert stat.S_IMODE((job_dir / name).stat().st_mode) == 0o600, name
     assert stat.S_IMODE(job_dir.stat().st_mode) == 0o700
     assert (job_dir / "files.token").read_text(encoding="utf-8").strip() == secrets["files_token"]
@@ -627,18 +683,26 @@ def test_hostile_profile_runs_with_exact_argv_and_private_secrets(tmp_path: Path
     assert secrets["api_key"].encode() not in cmdline and secrets["files_token"].encode() not in cmdline
     assert record["pgid"] == record["pid"]  # its own process group, stopped as a whole
 
-    assert set(endpoint) == {"node", "vllm_port", "files_port", "model", "started", "job_id"}
+    assert set(endpoint) == {"node", "vllm_port", "internal_port", "files_port", "model", "started", "job_id"}
     assert endpoint["node"] == socket.gethostname()
     assert endpoint["model"] == profile.server.served_name
     assert endpoint["job_id"] == "test123"
-    assert endpoint["vllm_port"] != endpoint["files_port"]
+    assert len({endpoint["vllm_port"], endpoint["internal_port"], endpoint["files_port"]}) == 3
+    # vllm_port is the guard's: it passes /health on to the server and refuses what vLLM leaves open.
+    assert (job_dir / "guard.port").read_text(encoding="utf-8").strip() == str(endpoint["vllm_port"])
+    assert http_status(endpoint["vllm_port"], "/health") == 200
+    assert http_status(endpoint["vllm_port"], "/invocations", "POST") == 403
+    guard = guard_pid(run)
+    cmdline = Path(f"/proc/{guard}/cmdline").read_bytes().split(b"\0")
+    assert b"vidcap.guard" in cmdline and f"127.0.0.1:{endpoint['internal_port']}".encode() in cmdline
+    assert secrets["api_key"].encode() not in b" ".join(cmdline)
     assert files_health(endpoint["files_port"], secrets["files_token"])["root"] == str(videos)
     assert (job_dir / "job.log").is_symlink() and os.readlink(job_dir / "job.log") == "../test123.log"
     deadline = time.monotonic() + 5
     while not (job_dir / "extra.out").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     extra_out = (job_dir / "extra.out").read_text(encoding="utf-8")
-    assert extra_out == f"{endpoint['vllm_port']} {endpoint['files_port']}\n"
+    assert extra_out == f"{endpoint['internal_port']} {endpoint['files_port']}\n"
 
     children = run.children()
     assert children
@@ -662,11 +726,11 @@ def test_two_jobs_on_one_node_get_different_ports(tmp_path: Path, jobs) -> None:
     profile.paths.work_dir = str(tmp_path / "work")
     first, second = jobs(profile, "job-a"), jobs(profile, "job-b")
     a, b = first.endpoint(), second.endpoint()
-    ports = [a["vllm_port"], a["files_port"], b["vllm_port"], b["files_port"]]
-    assert len(set(ports)) == 4, ports
+    ports = [e[name] for e in (a, b) for name in ("vllm_port", "internal_port", "files_port")]
+    assert len(set(ports)) == 6, ports
     for run, endpoint in ((first, a), (second, b)):
         argv = json.loads(run.dump.read_text(encoding="utf-8"))["argv"]
-        assert argv[-2:] == ["--port", str(endpoint["vllm_port"])]
+        assert argv[-2:] == ["--port", str(endpoint["internal_port"])]
     assert first.stop() == 143 and second.stop() == 143
 
 
@@ -682,15 +746,39 @@ def test_the_standin_serves_under_the_job_script_with_the_key_from_the_environme
     run = jobs(profile, "standin", server_command=[sys.executable, "-m", "tests.standin.server"])
     endpoint = run.endpoint()
     key = json.loads((run.job_dir / "secrets.json").read_text(encoding="utf-8"))["api_key"]
+    bearer = {"Authorization": f"Bearer {key}"}
+    port = endpoint["vllm_port"]  # the guard's
+    assert http_status(port, "/v1/models") == 401  # vLLM's own key check, through the guard
     direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    url = f"http://127.0.0.1:{endpoint['vllm_port']}/v1/models"
-    with pytest.raises(urllib.error.HTTPError) as refused:
-        direct.open(url, timeout=5)
-    assert refused.value.code == 401
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"})
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/models", headers=bearer)
     with direct.open(request, timeout=5) as resp:
         assert [m["id"] for m in json.loads(resp.read())["data"]] == ["qwen3-omni"]
+    # What vLLM leaves open without a key never reaches the server, key or not.
+    for path in ("/invocations", "/tokenize", "/pause", "/metrics"):
+        assert http_status(port, path, "POST", bearer) == 403, path
+    assert http_status(port, "/health") == 200
+    assert "refused POST /invocations from 127.0.0.1: 403" in run.text()
+    assert key not in run.text()
     assert run.stop() == 143
+
+
+@pytest.mark.parametrize("which", ["guard", "files"])
+def test_a_guard_or_file_server_that_dies_after_ready_ends_the_job(tmp_path: Path, jobs, which: str) -> None:
+    profile = Profile()
+    (tmp_path / "videos").mkdir()
+    profile.paths.videos_dir = str(tmp_path / "videos")
+    profile.paths.work_dir = str(tmp_path / "work")
+    run = jobs(profile, f"dies-{which}")
+    run.endpoint()
+    pid = guard_pid(run) if which == "guard" else child_running(run, b"files")
+    os.kill(pid, signal.SIGKILL)
+    assert run.proc.wait(15) == 1
+    expected = {
+        "guard": "the guard exited; ending the job: the model server cannot be reached without it",
+        "files": "the file server exited; ending the job",
+    }[which]
+    assert expected in run.text()
+    assert not (run.job_dir / "endpoint.json").exists() and not (run.job_dir / "secrets.json").exists()
 
 
 def test_a_server_that_dies_at_start_fails_the_job_fast(tmp_path: Path, jobs) -> None:
@@ -723,6 +811,26 @@ def test_a_port_taken_before_the_server_binds_is_retried(tmp_path: Path, jobs) -
     finally:
         if flag.exists():
             os.killpg(json.loads(flag.read_text(encoding="utf-8"))["squatter"], signal.SIGKILL)
+
+
+def test_a_guard_that_cannot_start_fails_the_job(tmp_path: Path, jobs) -> None:
+    profile = Profile()
+    (tmp_path / "videos").mkdir()
+    profile.paths.videos_dir = str(tmp_path / "videos")
+    profile.paths.work_dir = str(tmp_path / "work")
+    # An interpreter that runs the file server (-m vidcap.cli) but not the guard (-m vidcap.guard).
+    python = tmp_path / "python"
+    python.write_text(
+        '#!/bin/sh\n[ "$2" = vidcap.guard ] && { echo "no guard here" >&2; exit 1; }\n'
+        f'exec {shlex.quote(sys.executable)} "$@"\n',
+        encoding="utf-8",
+    )
+    python.chmod(0o755)
+    run = jobs(profile, "noguard", vidcap_command=[str(python), "-m", "vidcap.cli"])
+    assert run.proc.wait(25) == 1
+    log = run.text()
+    assert "no guard here" in log
+    assert "the guard exited before the model server was ready" in log
 
 
 def test_a_server_missing_from_path_is_a_clear_error(tmp_path: Path, jobs) -> None:

@@ -29,7 +29,11 @@ vLLM flags, as checked against vLLM's sources and docs (not guessed):
   - API key: ``tokens = args.api_key or [envs.VLLM_API_KEY]`` in vllm/entrypoints/openai/api_server.py
     (build_app): the VLLM_API_KEY environment variable works like ``--api-key``, which would show the
     key in ps. docs/usage/security.md: the key guards /v1, /v2 and /inference only; /health,
-    /invocations, /tokenize, /pause, ... stay open to anyone who can reach the port.
+    /invocations, /tokenize, /pause, ... stay open to anyone who can reach the port. Hence vLLM binds
+    ``--host 127.0.0.1`` and vidcap's guard (vidcap/guard.py), bound on the node's address, passes on only
+    GET /health, GET /version and /v1/...; endpoint.json's vllm_port is the guard's port. The guard runs
+    from the same installation as the file server: ``guard_argv`` derives its command from
+    ``vidcap_command``.
   - vLLM binds its socket before loading the model (api_server.py setup_server: "bind the port before
     the engine is set up"), with SO_REUSEADDR and SO_REUSEPORT (create_server_socket). SO_REUSEPORT means
     a second server of the same user on the same port would NOT fail but share it silently; hence the
@@ -63,11 +67,12 @@ ENDPOINT_FILE = "endpoint.json"
 SECRETS_FILE = "secrets.json"
 TOKEN_FILE = "files.token"
 FILES_PORT_FILE = "files.port"
+GUARD_PORT_FILE = "guard.port"
 
 # Flags the script sets itself; in vllm_args they would be ignored (ours come last) or leak the key.
 _MANAGED_FLAGS = {
     "--api-key": "the API key is generated per job and passed in the environment (VLLM_API_KEY)",
-    "--host": "the server binds 0.0.0.0 on the GPU node",
+    "--host": "the server binds 127.0.0.1 behind vidcap's guard, which alone listens on the node's address",
     "--port": "the port is picked free on the GPU node",
     "--uds": "the server is reached over TCP through the tunnel",
     "--allowed-local-media-path": "it is the profile's paths.videos_dir",
@@ -78,6 +83,7 @@ _RESERVED_ENV = frozenset(
         *("JOB_KEY", "WORK_DIR", "JOB_DIR", "VIDEOS_SRC", "VIDEOS_DIR", "SERVED_NAME", "SERVER", "VIDCAP"),
         *("READY_TIMEOUT", "READY_DEADLINE", "SERVER_PID", "FILES_PID", "HOLDER_PID", "POLL_PID"),
         *("VLLM_PORT", "FILES_PORT", "VLLM_API_KEY", "VIDCAP_LOCAL_JOB_ID", "attempt", "rc", "status"),
+        *("GUARD", "GUARD_PID", "GUARD_PORT"),
     }
 )
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -313,6 +319,23 @@ def server_argv(profile: Profile, preset: Preset, server_command: Sequence[str] 
     return [*head, *profile.server.vllm_args]
 
 
+def guard_argv(vidcap_command: Sequence[str]) -> list[str]:
+    """The guard's command, from the same installation as ``vidcap_command``: ``[..., "vidcap"]`` (a path
+    or not) -> ``[..., "vidcap-guard"]`` (the console script beside it), ``[python, "-m", "vidcap.cli"]``
+    -> ``[python, "-m", "vidcap.guard"]``. ValueError for a command of another shape."""
+    words = list(vidcap_command)
+    last = words[-1] if words else ""
+    if last == "vidcap.cli" and words[-2:-1] == ["-m"]:
+        return [*words[:-1], "vidcap.guard"]
+    head, slash, name = last.rpartition("/")
+    if name == "vidcap":
+        return [*words[:-1], f"{head}{slash}vidcap-guard"]
+    raise ValueError(
+        f"vidcap_command: {shlex.join(words)!r} must end with 'vidcap' or '-m vidcap.cli', so that the "
+        "guard (vidcap-guard, python -m vidcap.guard) runs from the same installation"
+    )
+
+
 def _argv_lines(words: Sequence[str], head: int) -> str:
     """Words of a bash array, one option (with its values) per line, the first ``head`` words together."""
     lines = [[shlex.quote(w) for w in words[:head]]]
@@ -349,17 +372,20 @@ def render(
     """The batch script that serves ``preset`` with ``profile``'s job settings. Pure: same inputs, same text.
 
     ``server_command`` replaces ``vllm serve MODEL <preset args>`` (tests pass the stand-in); the profile's
-    server.vllm_args and the script's own flags (--served-model-name, --host 0.0.0.0, --allowed-local-
+    server.vllm_args and the script's own flags (--served-model-name, --host 127.0.0.1, --allowed-local-
     media-path <videos dir>, --port) follow it either way. ``vidcap_command`` runs the file server (default
-    ``vidcap``, from the PATH the setup lines make). ``array`` is an #SBATCH --array index list.
-    ``extra_script`` is shell run once the endpoint is ready (JOB_DIR, VLLM_PORT, FILES_PORT, SERVED_NAME
-    and VIDEOS_DIR are set; secrets are in $JOB_DIR/secrets.json); the job then serves until the server
-    ends, so a snippet that should end the job calls ``exit`` (the servers are stopped on exit).
+    ``vidcap``, from the PATH the setup lines make), and the guard is run from the same place
+    (``guard_argv``). ``array`` is an #SBATCH --array index list.
+    ``extra_script`` is shell run once the endpoint is ready (JOB_DIR, VLLM_PORT (the model server itself,
+    on 127.0.0.1), GUARD_PORT (the guard, what endpoint.json names), FILES_PORT, SERVED_NAME and
+    VIDEOS_DIR are set; secrets are in $JOB_DIR/secrets.json); the job then serves until one of the
+    servers ends, so a snippet that should end the job calls ``exit`` (the servers are stopped on exit).
     Raises ValueError for a value that cannot be written into the script.
     """
     vidcap = list(vidcap_command) if vidcap_command is not None else ["vidcap"]
     if not vidcap or any("\0" in w for w in vidcap):
         raise ValueError("vidcap_command: must be a non-empty list of words without NUL characters")
+    guard = guard_argv(vidcap)
     for i, line in enumerate(profile.job.setup):
         if "\0" in line:
             raise ValueError(f"job.setup[{i}]: contains a NUL character")
@@ -378,6 +404,7 @@ def render(
         "served_name": shlex.quote(served),
         "server": _argv_lines(server_argv(profile, preset, server_command), head),
         "vidcap": " ".join(shlex.quote(w) for w in vidcap),
+        "guard": " ".join(shlex.quote(w) for w in guard),
         "extra_script": extra_script.strip("\n") or "# (no extra script)",
     }
     text = template()

@@ -9,6 +9,7 @@ command -v ffmpeg >/dev/null || need+=(ffmpeg)
 [[ -x /usr/sbin/sshd ]] || need+=(openssh-server)
 command -v ssh >/dev/null || need+=(openssh-client)
 command -v rsync >/dev/null || need+=(rsync)
+command -v crontab >/dev/null || need+=(cron)
 # Real single-node Slurm for the job tests (tests/slurm.py starts it): controller, node daemon, client
 # commands (sbatch, squeue, sacct, scancel, sinfo), munge for authentication, and slurmdbd with MariaDB so
 # that sacct reports finished jobs.

@@ -17,6 +17,7 @@ from vidcap import __version__, captioner, config, dryrun, options, remote, repo
 from vidcap.cli_common import ConfigOpt, ProfileOpt, _debug, _fail, err, out, profile_name
 from vidcap.cli_doctor import doctor
 from vidcap.cli_jobs import job_app
+from vidcap.cli_sync import sync
 from vidcap.errors import ConfigError, UsageError, VidcapError
 
 app = typer.Typer(
@@ -32,6 +33,7 @@ tunnel_app = typer.Typer(
 )
 app.add_typer(tunnel_app, name="tunnel")
 app.add_typer(job_app, name="job")
+app.command("sync")(sync)
 app.command("doctor")(doctor)
 files_app = typer.Typer(help="The file server that runs next to vLLM on the GPU node.", no_args_is_help=True)
 app.add_typer(files_app, name="files")

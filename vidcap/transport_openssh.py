@@ -157,6 +157,27 @@ def control_path(control_dir: Path, ssh: SSHConfig) -> Path:
     )
 
 
+def ssh_command(ssh: SSHConfig, *, batch: bool, control_dir: Path | None = None) -> list[str]:
+    """ssh and its options, up to the host, for programs that run ssh themselves (``rsync -e``).
+
+    The same host key policy, identity, port, user, timeouts and jump hops as this backend; with backend
+    "openssh" also its ControlMaster socket (``ControlMaster=no``: the master is used when one is up,
+    e.g. from ``vidcap tunnel up``, and ssh logs in by itself when none is).
+    """
+    ssh_bin = _which("ssh")
+    opts = shared_options(ssh, batch=batch)
+    if ssh.user:
+        opts += ["-o", f"User={ssh.user}"]
+    if "port" in ssh.model_fields_set or ssh.port != 22:
+        opts += ["-o", f"Port={ssh.port}"]
+    if ssh.jump:
+        opts += ["-o", f"ProxyCommand={proxy_command(ssh_bin, ssh.jump, shared_options(ssh, batch=batch))}"]
+    if ssh.backend == "openssh":
+        path = control_path(control_dir or config.state_dir() / "ssh", ssh)
+        opts += ["-o", f"ControlPath={path}", "-o", "ControlMaster=no"]
+    return [ssh_bin, *opts]
+
+
 def _private_dir(directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     st = directory.stat()

@@ -106,3 +106,15 @@ def test_a_preset_without_audio_turns_auto_audio_off_and_names_the_output(tmp_pa
     assert forced.job.audio == "on"  # what the user asks for explicitly is kept
     omni = options.resolve(parse({}), options.Settings(source=str(tmp_path), server="http://x:1/v1"))
     assert (omni.job.audio, omni.job.out.name) == ("auto", "qwen3-omni")
+
+
+def test_error_messages_keep_square_brackets(tmp_path) -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    vidcap = str(Path(sys.executable).parent / "vidcap")
+    missing = tmp_path / "videos [sender] [::1]"
+    res = subprocess.run([vidcap, "caption", str(missing)], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2
+    assert f"source {missing} is not a directory" in res.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from vidcap import config
 from vidcap.errors import VidcapError
@@ -22,7 +23,8 @@ def _fail(exc: BaseException) -> None:
     if _debug["on"]:
         err.print_exception()
     code = exc.exit_code if isinstance(exc, VidcapError) else 1
-    err.print(f"[bold red]{type(exc).__name__}[/]: {exc}", highlight=False, soft_wrap=True)
+    # escape: rsync's "[sender]", an IPv6 "[::1]" or a path with brackets are text, not rich markup
+    err.print(f"[bold red]{type(exc).__name__}[/]: {escape(str(exc))}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 

@@ -843,6 +843,21 @@ def test_a_server_missing_from_path_is_a_clear_error(tmp_path: Path, jobs) -> No
     assert "no-such-vllm-here is not on PATH after the setup lines" in run.text()
 
 
+def test_a_vidcap_without_the_guard_is_a_clear_error(tmp_path: Path, jobs) -> None:
+    profile = Profile()
+    (tmp_path / "videos").mkdir()
+    profile.paths.videos_dir = str(tmp_path / "videos")
+    profile.paths.work_dir = str(tmp_path / "work")
+    old = tmp_path / "old vidcap" / "bin" / "vidcap"  # an installation from before the guard
+    old.parent.mkdir(parents=True)
+    old.write_text("#!/bin/sh\nexit 0\n", encoding="utf-8")
+    old.chmod(0o755)
+    run = jobs(profile, "oldvidcap", vidcap_command=[str(old)])
+    assert run.proc.wait(15) == 2
+    expected = f"{old}-guard is not on PATH after the setup lines: the vidcap installed there is too old"
+    assert expected in run.text()
+
+
 def test_a_missing_videos_dir_is_a_clear_error(tmp_path: Path, jobs) -> None:
     profile = Profile()
     profile.paths.videos_dir = str(tmp_path / "no such dir")

@@ -28,6 +28,7 @@ from vidcap.slurm_parse import (
     parse_sbatch,
     parse_squeue,
 )
+from vidcap.tunnel import pid_alive
 
 JOB_NAME_PREFIX = "vidcap-"
 SLURM_TIMEOUT = 120.0
@@ -192,7 +193,7 @@ class LocalExecutor:
                 else:
                     state = JobState.COMPLETED if code == "0" else JobState.FAILED
                 found[rec.id] = JobStatus(rec.id, state, node="localhost", exit_code=code)
-            elif rec.pid and _pid_alive(rec.pid):
+            elif rec.pid and pid_alive(rec.pid):
                 found[rec.id] = JobStatus(rec.id, JobState.RUNNING, node="localhost")
             else:
                 found[rec.id] = JobStatus(rec.id, JobState.FAILED, reason="the process is gone")
@@ -217,7 +218,7 @@ class LocalExecutor:
             return b""
 
     def cancel(self, rec: JobRecord) -> None:
-        if rec.pid and _pid_alive(rec.pid):
+        if rec.pid and pid_alive(rec.pid):
             os.kill(rec.pid, signal.SIGTERM)
 
     @contextlib.contextmanager
@@ -226,19 +227,6 @@ class LocalExecutor:
 
     def close(self) -> None:
         pass
-
-
-def _pid_alive(pid: int) -> bool:
-    with contextlib.suppress(ChildProcessError):
-        if os.waitpid(pid, os.WNOHANG)[0] == pid:
-            return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def open_executor(profile: Profile, local: bool = False) -> Executor:

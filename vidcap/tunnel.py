@@ -66,7 +66,8 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a finished child of ours is reaped, not counted)."""
     # When this process started the tunnel (caption does), a finished one is our zombie until reaped.
     with contextlib.suppress(ChildProcessError):
         if os.waitpid(pid, os.WNOHANG)[0] == pid:
@@ -87,7 +88,7 @@ def read_state(profile: str) -> dict[str, Any] | None:
         state = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if not _alive(int(state.get("pid", 0))):
+    if not pid_alive(int(state.get("pid", 0))):
         path.unlink(missing_ok=True)
         return None
     return state
@@ -176,9 +177,9 @@ def down(profile: str, timeout: float = 10.0) -> bool:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while _alive(pid) and time.monotonic() < deadline:
+    while pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
-    if _alive(pid):
+    if pid_alive(pid):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     state_path(profile).unlink(missing_ok=True)

@@ -11,9 +11,9 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from vidcap import config, jobs, tunnel
+from vidcap import config, jobs, oncluster, tunnel
 from vidcap.cli_common import ConfigOpt, ProfileOpt, _fail, err, out, profile_name
-from vidcap.errors import VidcapError
+from vidcap.errors import UsageError, VidcapError
 from vidcap.slurm_parse import JobStatus
 
 job_app = typer.Typer(
@@ -64,17 +64,46 @@ def job_submit(
     partition: str | None = typer.Option(None, "--partition", help="Partition (overrides job.partition)."),
     wait: bool = typer.Option(False, "--wait", help="Then wait until the server is ready (like 'job wait')."),
     timeout: float = typer.Option(3600.0, "--timeout", help="With --wait: give up after this many seconds."),
+    caption: str | None = typer.Option(
+        None,
+        "--caption",
+        help="Caption this cluster dir (PATH or PROFILE:PATH, under paths.videos_dir) inside the job, into "
+        "paths.captions_dir/<model tag>; the job ends when captioning ends.",
+    ),
+    shards: int = typer.Option(
+        1, "--shards", min=1, help="With --caption: a Slurm array of N jobs, task i captioning shard i/N."
+    ),
+    keep_server: bool = typer.Option(
+        False, "--keep-server", help="With --caption: keep serving after captioning (until --time or cancel)."
+    ),
     as_json: bool = JsonOpt,
     profile: str | None = ProfileOpt,
     config_path: Path | None = ConfigOpt,
 ) -> None:
     """Submit the job that serves the profile's model (vLLM + the file server on one GPU node).
 
-    A healthy vidcap job serving the same model for this profile is reused unless --new.
+    A healthy vidcap job serving the same model for this profile is reused unless --new. With --caption
+    the job also captions a cluster directory itself (no laptop in the loop); follow it with
+    'vidcap job status JOB', bring the captions home with 'vidcap sync'.
     """
     try:
+        if caption is None and (shards > 1 or keep_server):
+            raise UsageError("--shards and --keep-server go with --caption PATH")
         with _executor(config_path, profile, local) as (cfg, name, ex):
-            done = jobs.submit(ex, cfg, name, new=new, time_limit=time_limit, partition=partition)
+            if caption is not None:
+                done = oncluster.submit(
+                    ex,
+                    cfg,
+                    name,
+                    caption,
+                    shards=shards,
+                    keep_server=keep_server,
+                    time_limit=time_limit,
+                    partition=partition,
+                )
+                wait = False  # a captioning job is followed with job status / job wait --done
+            else:
+                done = jobs.submit(ex, cfg, name, new=new, time_limit=time_limit, partition=partition)
             rec = done.record
             result = {"id": rec.id, "reused": done.reused is not None, "record": rec.to_dict()}
             if done.reused is not None:
@@ -94,6 +123,13 @@ def job_submit(
                 )
                 result["endpoint"] = ep.to_dict()
                 _ready_note(ep, ex.kind)
+            elif rec.caption is not None:
+                what = f"{rec.shards} shards of " if (rec.shards or 1) > 1 else ""
+                err.print(
+                    f"captioning {what}{rec.caption['path']} into {rec.caption['out']} on the cluster; "
+                    f"next: vidcap job status {rec.id}, vidcap job wait {rec.id} --done, vidcap sync",
+                    highlight=False,
+                )
             elif not wait and done.reused is None:
                 err.print(f"next: vidcap job wait {rec.id}", highlight=False)
     except VidcapError as exc:
@@ -133,6 +169,9 @@ def job_wait(
     job_id: str | None = JobArg,
     timeout: float = typer.Option(3600.0, "--timeout", help="Give up after this many seconds (exit 3)."),
     poll: float = typer.Option(2.0, "--poll", min=0.1, help="Seconds between checks."),
+    done: bool = typer.Option(
+        False, "--done", help="Wait until the job (every shard of a captioning job) has ended instead."
+    ),
     local: bool = LocalOpt,
     as_json: bool = JsonOpt,
     profile: str | None = ProfileOpt,
@@ -141,7 +180,12 @@ def job_wait(
     """Wait until the job's server is ready: RUNNING, endpoint written, /health 200 and the model listed.
 
     On failure: the Slurm state and reason (e.g. PENDING (Resources), est. start) and the log's tail; exit 3.
+    With --done: until the job has ended; exit 0 when every shard finished its videos, 1 when some
+    videos failed (see 'vidcap report'), 3 when a shard did not finish (job resubmit --failed).
     """
+    if done:
+        _wait_done(job_id, timeout, poll, local, as_json, profile, config_path)
+        return
     try:
         with _executor(config_path, profile, local) as (cfg, name, ex):
             rec = jobs.resolve_record(ex, cfg, name, job_id)
@@ -166,6 +210,37 @@ def job_wait(
         _ready_note(ep, ex.kind)
 
 
+def _wait_done(
+    job_id: str | None,
+    timeout: float,
+    poll: float,
+    local: bool,
+    as_json: bool,
+    profile: str | None,
+    config_path: Path | None,
+) -> None:
+    def show(states: list[oncluster.ShardState]) -> None:
+        if len(states) == 1:
+            err.print(f"job {states[0].task}: {states[0].status.describe()}", highlight=False)
+        else:
+            left = sum(not s.finished for s in states)
+            err.print(f"job {rec.id}: {len(states) - left}/{len(states)} shards ended", highlight=False)
+
+    try:
+        with _executor(config_path, profile, local) as (cfg, name, ex):
+            rec = jobs.resolve_record(ex, cfg, name, job_id)
+            states = oncluster.wait_done(ex, rec, timeout=timeout, poll=poll, on_change=show)
+    except VidcapError as exc:
+        _fail(exc)
+    if rec.caption is not None:
+        _print_shards(oncluster.root_of(rec), states, as_json)
+    elif as_json:
+        print(json.dumps([s.to_dict() for s in states], indent=2))
+    if any(s.failed for s in states):
+        raise typer.Exit(3)
+    raise typer.Exit(1 if any(s.failed_videos for s in states) else 0)
+
+
 @job_app.command("status")
 def job_status(
     job_id: str | None = JobArg,
@@ -174,16 +249,26 @@ def job_status(
     profile: str | None = ProfileOpt,
     config_path: Path | None = ConfigOpt,
 ) -> None:
-    """The job's Slurm state (squeue, then sacct once it has left the queue), reason, node and endpoint."""
+    """The job's Slurm state (squeue, then sacct once it has left the queue), reason, node and endpoint.
+
+    For a captioning job (submit --caption): each shard's latest task (resubmits included), its state and
+    its progress read from the run summaries on the cluster.
+    """
     try:
         with _executor(config_path, profile, local) as (cfg, name, ex):
             rec = jobs.resolve_record(ex, cfg, name, job_id)
-            status = jobs.status_of(ex, rec)
-            row = _status_dict(rec, status)
-            ep = jobs.endpoint_of(ex, rec.id, cfg.profile(name).paths.work_dir)
-            row["endpoint"] = ep.to_dict() if ep is not None else None
+            if rec.caption is not None:
+                states = oncluster.shard_states(ex, rec)
+            else:
+                status = jobs.status_of(ex, rec)
+                row = _status_dict(rec, status)
+                ep = jobs.endpoint_of(ex, rec.id, cfg.profile(name).paths.work_dir)
+                row["endpoint"] = ep.to_dict() if ep is not None else None
     except VidcapError as exc:
         _fail(exc)
+    if rec.caption is not None:
+        _print_shards(oncluster.root_of(rec), states, as_json)
+        return
     if as_json:
         print(json.dumps(row, indent=2))
         return
@@ -193,6 +278,74 @@ def job_status(
             f"  endpoint: {ep.model} on {ep.node}, vLLM port {ep.vllm_port}, files port {ep.files_port}"
         )
     out.print(f"  log: {rec.log}", highlight=False)
+
+
+def _print_shards(root: jobs.JobRecord, states: list[oncluster.ShardState], as_json: bool) -> None:
+    assert root.caption is not None
+    if as_json:
+        doc = {
+            "id": root.id,
+            "caption": {k: v for k, v in root.caption.items() if k != "config"},
+            "shards": [s.to_dict() for s in states],
+            "finished": all(s.finished for s in states),
+            "failed": [s.shard for s in states if s.failed],
+        }
+        print(json.dumps(doc, indent=2))
+        return
+    table = Table(title=f"job {root.id}: captioning {root.caption['path']} into {root.caption['out']}")
+    for col in ("shard", "task", "state", "progress"):
+        table.add_column(col)
+    for st in states:
+        colour = "red" if st.failed else "green" if st.finished else "yellow"
+        table.add_row(
+            f"{st.shard}/{st.shards}", st.task, f"[{colour}]{st.status.describe()}[/]", st.progress()
+        )
+    out.print(table)
+    failed = [st for st in states if st.failed]
+    if failed:
+        err.print(
+            f"{len(failed)} shard(s) failed; 'vidcap job logs {failed[0].task}' shows why, "
+            f"'vidcap job resubmit {root.id} --failed' runs them again (finished videos are not redone)",
+            highlight=False,
+        )
+
+
+@job_app.command("resubmit")
+def job_resubmit(
+    job_id: str | None = JobArg,
+    failed: bool = typer.Option(False, "--failed", help="Resubmit the shards whose last task failed."),
+    time_limit: str | None = typer.Option(None, "--time", help="Time limit (overrides job.time)."),
+    partition: str | None = typer.Option(None, "--partition", help="Partition (overrides job.partition)."),
+    local: bool = LocalOpt,
+    as_json: bool = JsonOpt,
+    profile: str | None = ProfileOpt,
+    config_path: Path | None = ConfigOpt,
+) -> None:
+    """Submit again the shards of a captioning job that ended other than COMPLETED (failed, cancelled,
+    timed out, preempted). Same settings as the first submission; each shard resumes from its records.
+    Running and pending shards are left alone; nothing failed -> nothing submitted (exit 0)."""
+    if not failed:
+        _fail(UsageError("say which shards: --failed (the ones whose last task did not complete)"))
+    try:
+        with _executor(config_path, profile, local) as (cfg, name, ex):
+            rec = jobs.resolve_record(ex, cfg, name, job_id)
+            done, bad = oncluster.resubmit_failed(ex, cfg, rec, time_limit=time_limit, partition=partition)
+    except VidcapError as exc:
+        _fail(exc)
+    result = {
+        "id": done.record.id if done else None,
+        "shards": [s.shard for s in bad],
+        "was": {str(s.shard): s.status.describe() for s in bad},
+    }
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    if done is None:
+        err.print(f"job {rec.id}: no failed shard; nothing resubmitted", highlight=False)
+        return
+    shards = ", ".join(f"{s.shard} ({s.status.describe()})" for s in bad)
+    err.print(f"resubmitted shard(s) {shards} as job {done.record.id}", highlight=False)
+    print(done.record.id)
 
 
 @job_app.command("logs")
@@ -213,6 +366,11 @@ def job_logs(
     try:
         with _executor(config_path, profile, local) as (cfg, name, ex):
             rec = jobs.resolve_record(ex, cfg, name, job_id)
+            if (rec.shards or 1) > 1:
+                raise UsageError(
+                    f"job {rec.id} is an array of {rec.shards} tasks, each with its own log: "
+                    f"name one, e.g. 'vidcap job logs {rec.task_id((rec.tasks or [0])[0])}'"
+                )
             jobs.follow_log(ex, rec, write, lines=lines, follow=follow)
     except VidcapError as exc:
         _fail(exc)

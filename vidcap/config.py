@@ -1,8 +1,9 @@
 """config.toml as pydantic models, the lookup order, and friendly validation errors.
 
-Lookup: ``--config PATH``, then ``./vidcap.toml``, then ``<user config dir>/config.toml``; with none of
-them the embedded defaults apply (one profile, ``local``, with no host). ``VIDCAP_HOME`` moves the user
-config and state dirs under one root, which is how tests keep away from the real home.
+Lookup: ``--config PATH`` (TOML; JSON when it ends in .json), then ``./vidcap.toml``, then
+``<user config dir>/config.toml``; with none of them the embedded defaults apply (one profile, ``local``,
+with no host). ``VIDCAP_HOME`` moves the user config and state dirs under one root, which is how tests
+keep away from the real home.
 """
 
 from __future__ import annotations
@@ -181,9 +182,13 @@ def load(explicit: Path | None = None) -> tuple[Config, Path | None]:
     if path is None:
         return Config(), None
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        # JSON is what vidcap writes for its own jobs (a profile's caption settings carried to the cluster)
+        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    except ValueError as exc:
+        raise ConfigError(f"{path}: not valid JSON: {exc}") from exc
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
     return parse(data, source=str(path)), path

@@ -56,6 +56,7 @@ class Executor(Protocol):
     def read(self, path: str) -> bytes | None: ...
     def read_from(self, path: str, offset: int) -> bytes: ...
     def cancel(self, rec: JobRecord) -> None: ...
+    def read_glob(self, directory: str, patterns: Sequence[str]) -> bytes: ...
     def http(self, node: str, port: int) -> contextlib.AbstractContextManager[str]: ...
     def close(self) -> None: ...
 
@@ -97,7 +98,8 @@ class SlurmExecutor:
         if not ids:
             return {}
         found: dict[str, JobStatus] = {}
-        queue = self._run(["squeue", "-h", "-t", "all", "-j", ",".join(ids), "-o", SQUEUE_FORMAT])
+        # -r: an array's pending tasks one per line (123_1), not folded into 123_[1-2]
+        queue = self._run(["squeue", "-h", "-r", "-t", "all", "-j", ",".join(ids), "-o", SQUEUE_FORMAT])
         text = queue.stdout.decode(errors="replace")
         for job_id in ids:
             status = parse_squeue(text, job_id)
@@ -128,6 +130,15 @@ class SlurmExecutor:
 
     def read_from(self, path: str, offset: int) -> bytes:
         done = self._run(["tail", "-c", f"+{offset + 1}", "--", path])
+        return done.stdout if done.returncode == 0 else b""
+
+    def read_glob(self, directory: str, patterns: Sequence[str]) -> bytes:
+        """The files of ``directory`` matching the shell ``patterns``, concatenated; one SSH command."""
+        script = (
+            'cd -- "$1" 2>/dev/null || exit 0; shift; '
+            'for p; do for f in ./$p; do if [ -f "$f" ]; then cat -- "$f"; fi; done; done'
+        )
+        done = self._run(["sh", "-c", script, "sh", directory, *patterns])
         return done.stdout if done.returncode == 0 else b""
 
     def cancel(self, rec: JobRecord) -> None:
@@ -216,6 +227,15 @@ class LocalExecutor:
                 return fh.read()
         except OSError:
             return b""
+
+    def read_glob(self, directory: str, patterns: Sequence[str]) -> bytes:
+        root = _local_path(directory)
+        chunks = []
+        for pattern in patterns:
+            for path in sorted(root.glob(pattern)):
+                with contextlib.suppress(OSError):
+                    chunks.append(path.read_bytes())
+        return b"".join(chunks)
 
     def cancel(self, rec: JobRecord) -> None:
         if rec.pid and pid_alive(rec.pid):

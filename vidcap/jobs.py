@@ -213,7 +213,10 @@ def submit(
     partition: str | None = None,
     extra_script: str = "",
     array: str | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> Submitted:
+    """Submit the profile's server job, or reuse a healthy running one serving the same model (not with
+    ``new`` or an ``extra_script``: such a job does its own work). ``extra`` adds fields to the record."""
     profile = cfg.profile(profile_name)
     changes = {k: v for k, v in (("time", time_limit), ("partition", partition)) if v}
     if changes:
@@ -221,8 +224,10 @@ def submit(
     preset = choose_preset(cfg, profile)
     model = served_name(profile, preset)
     work_dir = profile.paths.work_dir
-    if not new:
+    if not new and not extra_script:
         for ep in discover_all(ex, profile, work_dir):
+            if _ends_by_itself(ep.job_id):
+                continue
             if ep.model == model and check_server(ex, ep, read_api_key(ex, ep)) is None:
                 rec = find_record(ep.job_id)
                 if rec is None:
@@ -242,9 +247,15 @@ def submit(
     except ValueError as exc:
         raise ConfigError(f"profile {profile_name!r}: {exc}") from exc
     job_id, pid = ex.submit(script, work_dir)
-    rec = _record(ex, profile_name, preset, model, job_id, pid, work_dir)
+    rec = replace(_record(ex, profile_name, preset, model, job_id, pid, work_dir), **(extra or {}))
     save_record(rec)
     return Submitted(rec)
+
+
+def _ends_by_itself(job_id: str) -> bool:
+    """A captioning job (or task of one) ends when its captions are done: not a server to reuse."""
+    rec = find_record(job_id.partition("_")[0])
+    return bool(rec and rec.caption and not rec.caption.get("keep_server"))
 
 
 def _record(
@@ -300,6 +311,19 @@ def discover(
             "'vidcap job wait' (or name the servers under [profiles.NAME.endpoint])"
         )
     return next((ep for ep in found if ep.model == model), found[0])
+
+
+def task_record(rec: JobRecord, task_id: str) -> JobRecord:
+    """The record of one task of array job ``rec`` (its own id, directory and log)."""
+    if task_id == rec.id:
+        return rec
+    jobs_dir = posixpath.dirname(rec.job_dir)
+    return replace(
+        rec,
+        id=task_id,
+        job_dir=posixpath.join(jobs_dir, task_id),
+        log=posixpath.join(jobs_dir, f"{task_id}.log"),
+    )
 
 
 def _bare_record(ex: Executor, job_id: str, work_dir: str) -> JobRecord:

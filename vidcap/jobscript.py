@@ -83,7 +83,8 @@ _RESERVED_ENV = frozenset(
         *("JOB_KEY", "WORK_DIR", "JOB_DIR", "VIDEOS_SRC", "VIDEOS_DIR", "SERVED_NAME", "SERVER", "VIDCAP"),
         *("READY_TIMEOUT", "READY_DEADLINE", "SERVER_PID", "FILES_PID", "HOLDER_PID", "POLL_PID"),
         *("VLLM_PORT", "FILES_PORT", "VLLM_API_KEY", "VIDCAP_LOCAL_JOB_ID", "attempt", "rc", "status"),
-        *("GUARD", "GUARD_PID", "GUARD_PORT"),
+        *("GUARD", "GUARD_PID", "GUARD_PORT", "CAPTION_PID", "CAPTION_SRC", "CAPTION_OUT", "CAPTION_DIR"),
+        *("CAPTION", "VIDCAP_API_KEY", "VIDCAP_JOB_KEY"),
     }
 )
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -233,7 +234,8 @@ def log_path(work_dir: str, job_key: str) -> str:
     return _under_jobs(work_dir, f"{job_key}.log")
 
 
-def _shell_path(path: str, field: str) -> str:
+def shell_path(path: str, field: str) -> str:
+    """A cluster path as a shell word: absolute, or ``"$HOME"/...``."""
     rel = home_relative(path, field)
     if rel.startswith("/"):
         return shlex.quote(rel)
@@ -397,8 +399,8 @@ def render(
     head = len(server_command) if server_command is not None else 3
     values = {
         "sbatch": "\n".join(sbatch_lines(profile, job_name, array)),
-        "work_dir": _shell_path(profile.paths.work_dir, "paths.work_dir"),
-        "videos_dir": _shell_path(profile.paths.videos_dir, "paths.videos_dir"),
+        "work_dir": shell_path(profile.paths.work_dir, "paths.work_dir"),
+        "videos_dir": shell_path(profile.paths.videos_dir, "paths.videos_dir"),
         "setup": "\n".join(profile.job.setup) or "# (no setup lines)",
         "env": _env_lines(profile.job.env),
         "served_name": shlex.quote(served),

@@ -35,6 +35,18 @@ class JobRecord:
     submitted: str
     pid: int | None = None  # local executor: the wrapper process
     cancelled: bool = False
+    # On-cluster captioning (job submit --caption): the shard count (> 1: a Slurm array, task i = shard i),
+    # the shards this submission runs (a resubmit runs the failed ones), the job a resubmit continues, and
+    # what the job captions: {"path", "out", "keep_server", "config"} (config: the profile's caption
+    # settings as submitted, so a resubmit writes records with the same config hash).
+    shards: int | None = None
+    tasks: list[int] | None = None
+    root: str | None = None
+    caption: dict[str, Any] | None = None
+
+    def task_id(self, shard: int) -> str:
+        """Slurm's name for the task running ``shard``: ``<array id>_<shard>``, or the job id itself."""
+        return f"{self.id}_{shard}" if (self.shards or 1) > 1 else self.id
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -15,6 +15,7 @@ from vidcap.errors import UsageError
 from vidcap.jobs import choose_preset
 
 MEDIA = ("file", "http", "inline")
+JOB_KEY_ENV = "VIDCAP_JOB_KEY"
 AUDIO = ("auto", "on", "off")
 
 
@@ -137,6 +138,9 @@ def resolve(cfg: Config, s: Settings) -> Resolved:
         max_attempts=cap.max_attempts,
         retry_max_seconds=cap.retry_max_seconds,
         server_wait=cap.server_wait,
+        # Set by the job script around an on-cluster run: the run summary is then named after the job
+        # (task), which is how `vidcap job status` finds each shard's progress.
+        job_id=(os.environ.get(JOB_KEY_ENV) or None) if remote is None else None,
     )
     if remote is not None:
         return Resolved(job, None, (remote, path))

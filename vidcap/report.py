@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from vidcap.store import META, TMP_SUFFIX, OutputDir
+from vidcap.sync import PARTIAL_DIR
 
 
 @dataclass
@@ -29,6 +30,7 @@ class Report:
     failures_by_class: dict[str, int] = field(default_factory=dict)
     failed_paths: list[dict[str, Any]] = field(default_factory=list)
     runs: int = 0
+    running_or_killed: int = 0  # summaries without "finished": a run still going, or one that was killed
     last_run: dict[str, Any] | None = None
     throughput_videos_per_s: float | None = None
     temp_files: int = 0
@@ -58,6 +60,10 @@ def build(out: Path, failed_limit: int = 50) -> Report:
     for dirpath, dirnames, filenames in os.walk(out):
         if Path(dirpath) == out and META in dirnames:
             dirnames.remove(META)
+        # rsync's --partial-dir (vidcap sync) in any directory it writes to: half-transferred records
+        # sit there under their real names and must not count.
+        if PARTIAL_DIR in dirnames:
+            dirnames.remove(PARTIAL_DIR)
         for name in filenames:
             if name.endswith(TMP_SUFFIX):
                 report.temp_files += 1
@@ -93,27 +99,35 @@ def build(out: Path, failed_limit: int = 50) -> Report:
 
 
 def _failures(store: OutputDir, present: set[str], report: Report, limit: int) -> None:
-    """Current failures: the latest line per path, for paths that still have no record."""
+    """Current failures: the latest line per path over every ledger (unsharded and per shard), for paths
+    that still have no record. Latest is by ``ts`` (ISO UTC strings sort as times); on a tie the line
+    read later wins (ledgers in name order, lines in file order)."""
     latest: dict[str, dict[str, Any]] = {}
-    try:
-        with open(store.failures_path, encoding="utf-8") as fh:
-            for line in fh:
-                try:
-                    item = json.loads(line)
-                except ValueError:
-                    continue
-                latest[item["path"]] = item
-    except OSError:
-        return
+    for ledger in store.failure_ledgers():
+        try:
+            with open(ledger, encoding="utf-8") as fh:
+                for line in fh:
+                    try:
+                        item = json.loads(line)
+                        path, ts = item["path"], str(item.get("ts", ""))
+                    except (ValueError, KeyError, TypeError):
+                        continue  # a torn or foreign line; the rest of the ledger still counts
+                    if path not in latest or ts >= str(latest[path].get("ts", "")):
+                        latest[path] = item
+        except OSError:
+            continue
     current = [v for k, v in latest.items() if k not in present]
     report.failures = len(current)
-    report.failures_by_class = dict(Counter(v["error"] for v in current))
+    report.failures_by_class = dict(Counter(v.get("error", "?") for v in current))
     report.failed_paths = [
-        {k: v[k] for k in ("path", "error", "message", "attempts", "retryable")} for v in current[:limit]
+        {k: v.get(k) for k in ("path", "error", "message", "attempts", "retryable")} for v in current[:limit]
     ]
 
 
 def _runs(store: OutputDir, report: Report) -> None:
+    """Run summaries. One without ``finished`` is a run still going (summaries are rewritten as a run
+    goes on) or one that was killed: counted, but left out of the throughput, whose wall time it does
+    not know for sure."""
     files = sorted(store.runs_dir.glob("*.json")) if store.runs_dir.is_dir() else []
     report.runs = len(files)
     done = wall = 0.0
@@ -122,8 +136,13 @@ def _runs(store: OutputDir, report: Report) -> None:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
+        if not isinstance(data, dict):
+            continue
         report.last_run = data
-        done += data.get("counts", {}).get("done", 0)
-        wall += data.get("wall_s", 0.0)
+        if data.get("finished") is None:
+            report.running_or_killed += 1
+            continue
+        done += (data.get("counts") or {}).get("done", 0)
+        wall += data.get("wall_s") or 0.0
     if wall > 0:
         report.throughput_videos_per_s = round(done / wall, 3)

@@ -1,5 +1,12 @@
-"""The output directory: one writer (a lock), atomic record writes, resume checks, the failures ledger
-and the run summaries. Layout: OUT/<rel>.json, OUT/_vidcap/{lock, failures.jsonl, runs/<ts>.json}."""
+"""The output directory: its locks, atomic record writes, resume checks, the failure ledgers and the run
+summaries. Layout: OUT/<rel>.json and OUT/_vidcap/ holding
+
+* ``lock``: every run locks it: LOCK_EX for an unsharded run, LOCK_SH for each shard of a sharded one;
+* ``lock.shard-<i>-of-<N>``: LOCK_EX by the run of shard i/N (its pid inside), so N shards of one N run
+  side by side (N Slurm array tasks writing one OUT), while the same shard twice is refused;
+* ``failures.jsonl`` (unsharded runs) and ``failures.shard-<i>-of-<N>.jsonl``: one ledger per writer;
+* ``runs/<run_id>.json``: one summary per run, written at its start, rewritten while it runs, and at
+  its end (``finished`` stays null in a run that is still going, or was killed)."""
 
 from __future__ import annotations
 
@@ -7,6 +14,8 @@ import contextlib
 import fcntl
 import json
 import os
+import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,15 +41,56 @@ def atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+_SHARD_LOCK = re.compile(r"lock\.shard-(\d+)-of-(\d+)")
+# A flock probe or a lock attempt can fail for a moment only because another run starting at the same
+# instant is probing the same file (probes release at once): try a few times before calling it held.
+_LOCK_TRIES = 5
+_LOCK_PAUSE = 0.05
+
+
+def shard_tag(shard: tuple[int, int]) -> str:
+    return f"shard-{shard[0]}-of-{shard[1]}"
+
+
+def _try_flock(fd: int, op: int) -> bool:
+    for attempt in range(_LOCK_TRIES):
+        try:
+            fcntl.flock(fd, op | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if attempt + 1 < _LOCK_TRIES:
+                time.sleep(_LOCK_PAUSE)
+    return False
+
+
+def _read_pid(fd: int) -> str:
+    return os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+
+
+def _write_pid(fd: int) -> None:
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+
+
 class OutputDir:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.meta = root / META
-        self._lock_fd: int | None = None
+        self.shard: tuple[int, int] | None = None  # set by locked(): which ledger this run appends to
+        self._lock_fds: list[int] = []
 
     @property
     def failures_path(self) -> Path:
-        return self.meta / "failures.jsonl"
+        """This run's failure ledger. Every writer has its own: O_APPEND is not atomic on NFS (the client
+        picks the offset from its cached size), so lines of shards on several nodes would overwrite each
+        other in one shared file."""
+        if self.shard is None:
+            return self.meta / "failures.jsonl"
+        return self.meta / f"failures.{shard_tag(self.shard)}.jsonl"
+
+    def failure_ledgers(self) -> list[Path]:
+        """Every failure ledger in the directory (of unsharded and sharded runs, old and current)."""
+        return sorted(self.meta.glob("failures*.jsonl")) if self.meta.is_dir() else []
 
     @property
     def runs_dir(self) -> Path:
@@ -50,28 +100,106 @@ class OutputDir:
         return self.root / (rel + ".json")
 
     @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
+    def locked(self, shard: tuple[int, int] | None = None) -> Iterator[None]:
+        """Hold the output dir for one run: the whole of it (``shard`` None), or shard i/N of it beside
+        the other shards of the same N. Raises OutputLockedError, naming the run in the way, otherwise."""
         try:
             self.runs_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise UsageError(f"cannot create output directory {self.root}: {exc.strerror}") from exc
-        fd = os.open(self.meta / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        fds: list[int] = []
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise OutputLockedError(
-                f"another vidcap run (pid {holder}) is writing {self.root}; wait for it or use another --out"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        self._lock_fd = fd
+            if shard is None:
+                self._lock_whole(fds)
+            else:
+                self._lock_shard(shard, fds)
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        self._lock_fds, self.shard = fds, shard
         try:
             yield
         finally:
-            self._lock_fd = None
-            os.close(fd)  # closing releases the flock; the file stays (removing it would race a waiter)
+            self._lock_fds, self.shard = [], None
+            # Closing releases the flocks; the files stay (removing one would race a run about to lock it).
+            for fd in reversed(fds):
+                os.close(fd)
+
+    def _open(self, name: str, fds: list[int]) -> int:
+        fd = os.open(self.meta / name, os.O_RDWR | os.O_CREAT, 0o600)
+        fds.append(fd)
+        return fd
+
+    def _lock_whole(self, fds: list[int]) -> None:
+        fd = self._open("lock", fds)
+        if not _try_flock(fd, fcntl.LOCK_EX):
+            shards = self._active_shards()
+            if shards:
+                who = ", ".join(f"{i}/{n} (pid {pid})" for (i, n), pid in shards)
+                raise OutputLockedError(
+                    f"a sharded vidcap run is writing {self.root} (shards {who}); "
+                    "wait for it or use another --out"
+                )
+            # The pid in "lock" is the last exclusive holder's (shard runs never write it).
+            raise OutputLockedError(
+                f"another vidcap run (pid {_read_pid(fd)}) is writing {self.root}; "
+                "wait for it or use another --out"
+            )
+        _write_pid(fd)
+
+    def _lock_shard(self, shard: tuple[int, int], fds: list[int]) -> None:
+        i, n = shard
+        main = self._open("lock", fds)
+        if not _try_flock(main, fcntl.LOCK_SH):
+            raise OutputLockedError(
+                f"an unsharded vidcap run (pid {_read_pid(main)}) is writing {self.root}, so shard {i}/{n} "
+                "cannot start; wait for it or use another --out"
+            )
+        own = self._open(f"lock.{shard_tag(shard)}", fds)
+        if not _try_flock(own, fcntl.LOCK_EX):
+            raise OutputLockedError(
+                f"shard {i}/{n} of {self.root} is already being captioned by another vidcap run "
+                f"(pid {_read_pid(own)}); wait for it or use another --out"
+            )
+        _write_pid(own)
+        # Shards of another N split the videos differently, so together they would caption some videos
+        # twice and (with resume) race on the same records: refuse. The shared "lock" cannot tell
+        # shards of different N apart, so look at the shard lock files of every other N that exist
+        # (old ones stay behind) and ask whether a run still holds one. Our own lock is taken first:
+        # of two runs of different N starting together, at least one then sees the other.
+        other = self._active_shards(exclude_n=n)
+        if other:
+            (j, m), pid = other[0]
+            raise OutputLockedError(
+                f"a vidcap run of shard {j}/{m} (pid {pid}) is writing {self.root}; shards of one output "
+                f"dir must all use the same N (this run is {i}/{n}); wait for it or use another --out"
+            )
+
+    def _active_shards(self, exclude_n: int | None = None) -> list[tuple[tuple[int, int], str]]:
+        """Shard locks that some run holds now, with the pid written in each. Never called on a file this
+        run holds: on NFS flock is emulated with POSIX locks, and closing any descriptor of a file drops
+        all of the process's locks on it."""
+        found = []
+        for path in sorted(self.meta.glob("lock.shard-*-of-*")):
+            match = _SHARD_LOCK.fullmatch(path.name)
+            if match is None:
+                continue
+            key = (int(match[1]), int(match[2]))
+            if key[1] == exclude_n:
+                continue
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                # A shared probe conflicts with the holder's LOCK_EX but not with another run probing
+                # the same file at the same moment; it is released at once by the close below.
+                if not _try_flock(fd, fcntl.LOCK_SH):
+                    found.append((key, _read_pid(fd)))
+            finally:
+                os.close(fd)
+        return found
 
     def is_done(self, rel: str, size: int, mtime: float, config_hash: str) -> bool:
         """Resume key: a record with the same config hash and the same video size and mtime."""
@@ -94,7 +222,7 @@ class OutputDir:
         return path
 
     def append_failure(self, failure: Failure) -> None:
-        # O_APPEND writes of one line are atomic enough for a single writer holding the lock.
+        # One writer per ledger (see failures_path), so a plain append of one line is safe.
         with open(self.failures_path, "a", encoding="utf-8") as fh:
             fh.write(failure.to_line())
             fh.flush()

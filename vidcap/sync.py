@@ -192,7 +192,7 @@ def rsync_argv(
     argv = [
         rsync, "-rlt", "--update", "-s",
         f"--partial-dir={PARTIAL_DIR}", f"--exclude={PARTIAL_DIR}/",
-        f"--exclude=*{TMP_SUFFIX}", "--exclude=_vidcap/lock",
+        f"--exclude=*{TMP_SUFFIX}", "--exclude=_vidcap/lock*",
         f"--timeout={IO_TIMEOUT}", "--no-h", "--stats", f"--out-format={_ITEM}%i %l %n",
         "-e", shlex.join(ssh_argv),
     ]  # fmt: skip

@@ -13,7 +13,9 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import re
 import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -71,6 +73,8 @@ class CaptionJob:
     server_wait: float = 900.0
     job_id: str | None = None
     decode_workers: int | None = None
+    # Seconds between rewrites of the run summary while the run goes on (0: only at start and end).
+    progress_interval: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,15 @@ EventSink = Callable[[Event], None]
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def make_run_id(job_id: str | None) -> str:
+    """A timestamp, plus the job id when there is one: shards (Slurm array tasks) start on several nodes
+    at the same moment, and only the job id keeps their summary files apart for sure."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+    if not job_id:
+        return stamp
+    return f"{stamp}-{re.sub(r'[^A-Za-z0-9_.-]', '_', job_id)}"
 
 
 def hash_payload(job: CaptionJob, model: str, max_model_len: int) -> dict[str, Any]:
@@ -114,7 +127,11 @@ class _Run:
         self.job, self.source, self.store, self.sink = job, source, store, sink
         self.counts = Counts()
         self.usage = Usage()
-        self.run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+        self.run_id = make_run_id(job.job_id)
+        self.total: int | None = None
+        # Summary writes (start, progress in a thread, final) go one at a time, and none after the final.
+        self._summary_lock = threading.Lock()
+        self._summary_final = False
         self.audio_verified: bool | None = None
         self._audio_check: asyncio.Future[bool | None] | None = None
         self.model = ""
@@ -361,7 +378,7 @@ class _Run:
                     remaining -= 1
             if remaining == 0:
                 break
-        self.sink(Event("total", value=self.counts.seen))
+        self._total(self.counts.seen)  # the exact number, now that the listing is through
         # Sentinels only on a normal end (not in a finally): after a cancel no worker reads the queue.
         for _ in range(workers):
             await queue.put(None)
@@ -370,7 +387,51 @@ class _Run:
         """Count ahead of the feeder, so that progress has a total and an ETA early."""
         with contextlib.suppress(OSError):  # only a nicety: a listing error shows up in the feeder
             if self.job.limit is None and (n := await self.source.count(self.job.shard)) is not None:
-                self.sink(Event("total", value=n))
+                self._total(n)
+
+    def _total(self, n: int) -> None:
+        self.total = n
+        self.sink(Event("total", value=n))
+
+    def snapshot(self, summary: RunSummary, t0: float) -> None:
+        """Bring ``summary`` up to date with the run so far (finished and exit_code stay as they are)."""
+        summary.counts = self.counts.model_copy()
+        summary.counts.requests = self.requester.requests
+        summary.counts.retried_requests = self.requester.retried
+        summary.usage = self.usage
+        summary.total = self.total
+        summary.audio_verified = self.audio_verified
+        summary.wall_s = round(time.monotonic() - t0, 3)
+
+    def write_summary(self, summary: RunSummary, final: bool = False) -> None:
+        """The one way the run summary is written. The lock makes the final write wait for a progress
+        write still running in its thread (the same temp file); the flag drops any progress write that
+        would come later, so the final one is the last on disk whatever cancels what."""
+        with self._summary_lock:
+            if not self._summary_final:
+                self.store.write_summary(summary)
+                self._summary_final = final
+
+    async def write_progress(self, summary: RunSummary, t0: float) -> None:
+        """Rewrite the run summary every ``progress_interval`` seconds, so that a run on a cluster shows
+        how far it got while it goes on (and, if killed, where it stopped). Runs until cancelled."""
+        warned = False
+        while True:
+            await asyncio.sleep(self.job.progress_interval)
+            self.snapshot(summary, t0)
+            # Serialised here, on the loop, so the thread never sees the counts change under it.
+            write = asyncio.ensure_future(asyncio.to_thread(self.write_summary, summary.model_copy()))
+            try:
+                # A cancel lets a write in progress land first (a thread cannot be stopped): once this task
+                # is done, no progress write is in flight.
+                await asyncio.shield(write)
+            except asyncio.CancelledError:
+                await asyncio.wait([write])
+                raise
+            except OSError as exc:
+                if not warned:  # a full or flaky disk must not stop the captioning; the final write retries
+                    self.sink(Event("warning", message=f"cannot update the run summary: {exc}"))
+                    warned = True
 
     async def work(self, queue: asyncio.Queue[Entry | None]) -> None:
         while (entry := await queue.get()) is not None:
@@ -427,9 +488,11 @@ async def _run(job: CaptionJob, endpoint: Endpoint, sink: EventSink, source: Sou
         started=_now(),
         vidcap_version=__version__,
     )
-    with store.locked():
+    with store.locked(job.shard):
         sink(Event("start", message=f"{model} at {endpoint.base_url}, context {max_len}"))
         t0 = time.monotonic()
+        # Written at the start (finished null), so that a run shows while it goes on, or if it is killed.
+        state.write_summary(summary)
         state.requester = Requester(
             endpoint,
             Gate(endpoint, job.server_wait),
@@ -440,22 +503,26 @@ async def _run(job: CaptionJob, endpoint: Endpoint, sink: EventSink, source: Sou
             wait_max=job.retry_wait_max,
         )
         reason = None
+        progress: asyncio.Future[None] | None = None
         try:
+            if job.progress_interval > 0:
+                progress = asyncio.ensure_future(state.write_progress(summary, t0))
             reason = await _supervise(state, job.concurrency + 2 * (os.cpu_count() or 2))
         finally:
-            await state.requester.close()
-            summary.interrupted = isinstance(reason, int)
-            if isinstance(reason, BaseException):
-                summary.aborted = f"{type(reason).__name__}: {reason}"
-            summary.counts = state.counts
-            summary.counts.requests = state.requester.requests
-            summary.counts.retried_requests = state.requester.retried
-            summary.usage = state.usage
-            summary.audio_verified = state.audio_verified
-            summary.finished = _now()
-            summary.wall_s = round(time.monotonic() - t0, 3)
-            summary.exit_code = exit_code(summary)
-            store.write_summary(summary)
+            try:
+                if progress is not None:
+                    # Stopped (its write landed) before the final write, which must be the last one.
+                    progress.cancel()
+                    await asyncio.wait([progress])
+                await state.requester.close()
+            finally:  # written even when a second cancel lands while the run is stopping
+                state.snapshot(summary, t0)
+                summary.interrupted = isinstance(reason, int)
+                if isinstance(reason, BaseException):
+                    summary.aborted = f"{type(reason).__name__}: {reason}"
+                summary.finished = _now()
+                summary.exit_code = exit_code(summary)
+                state.write_summary(summary, final=True)
         if isinstance(reason, BaseException) and not isinstance(reason, ServerUnreachableError):
             raise reason  # a bug: the summary is written, the traceback must not be lost
         return summary

@@ -125,8 +125,14 @@ class RunSummary(_Record):
     config_hash: str
     shard: str | None
     limit: int | None
+    total: int | None = Field(
+        None, description="Videos this run looks at, once the listing has counted them."
+    )
     started: str
-    finished: str | None = None
+    finished: str | None = Field(
+        None,
+        description="None while the run goes on (the file is rewritten as it runs) or when it was killed.",
+    )
     wall_s: float = 0.0
     counts: Counts = Field(default_factory=Counts)
     usage: Usage = Field(default_factory=Usage)

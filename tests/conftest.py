@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import videos
 
-pytest_plugins = ["sshd", "slurm"]  # real sshd and Slurm fixtures (tests/sshd.py, tests/slurm.py)
+pytest_plugins = ["sshd", "slurm", "jobsite"]  # real sshd and Slurm; `site` (tests/jobsite.py)
 
 
 @pytest.fixture(autouse=True)

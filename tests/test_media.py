@@ -189,7 +189,7 @@ def _running(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as fh:
             state = fh.read().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
+    except (OSError, IndexError):  # gone between the open and the read (ESRCH), or an empty read
         return False
     return state != "Z"  # a zombie has exited; reaping it is up to whoever inherited it
 

@@ -76,9 +76,14 @@ def test_sharded_caption_job_then_sync_brings_identical_records_home(site: Site,
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout)["files"] == 0
 
-    report = site.cli("report", str(local), "--json")
+    report = site.cli("report", str(local), "--json", "--remote")
     assert report.returncode == 0, report.stderr
-    assert json.loads(report.stdout)["records"] == len(site.good)
+    doc = json.loads(report.stdout)
+    assert doc["records"] == len(site.good)
+    remote = doc["remote"]  # counted against the caption job's directory, which the records are relative to
+    assert remote["cluster_records"] == len(site.good) and remote["not_synced"] == 0
+    assert remote["uncaptioned"] == remote["cluster_failures"] > 0  # the corpus's bad files, failed there
+    assert not set(remote["uncaptioned_paths"]) & site.good
 
 
 def test_a_killed_shard_is_resubmitted_and_finished_videos_are_not_sent_again(

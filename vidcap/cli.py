@@ -134,7 +134,7 @@ def caption(
 ) -> None:
     """Caption every video under SOURCE that has no up-to-date record; resumable, one JSON per video.
 
-    Exit codes: 0 all done, 1 some videos failed (see OUT/_vidcap/failures.jsonl), 2 usage or config
+    Exit codes: 0 all done, 1 some videos failed (see OUT/_vidcap/failures*.jsonl), 2 usage or config
     error, 3 cannot reach the server, 130 interrupted.
     """
     try:
@@ -219,9 +219,15 @@ def _render_summary(summary: Any) -> None:
         highlight=False,
     )
     if c.failed:
-        err.print(
-            f"failures: {Path(summary.out) / '_vidcap' / 'failures.jsonl'} (or 'vidcap report {summary.out}')"
-        )
+        err.print(f"failures: {_ledger(summary)} (or 'vidcap report {summary.out}')")
+
+
+def _ledger(summary: Any) -> Path:
+    """The failure ledger the run wrote to (one per shard: see vidcap.store)."""
+    from vidcap.discovery import parse_shard
+    from vidcap.store import META, ledger_name
+
+    return Path(summary.out) / META / ledger_name(parse_shard(summary.shard))
 
 
 class ProgressView:

@@ -46,6 +46,7 @@ from vidcap.config import Config, Profile, model_tag
 from vidcap.discovery import printable
 from vidcap.errors import ConfigError, TransportError, UsageError
 from vidcap.jobs import choose_preset
+from vidcap.jobstate import load_records
 from vidcap.oncluster import cluster_out_dir
 from vidcap.store import META, TMP_SUFFIX
 from vidcap.sync import PARTIAL_DIR
@@ -346,8 +347,16 @@ def default_local_dir(cfg: Config, profile: Profile) -> Path:
     return Path("captions") / model_tag(choose_preset(cfg, profile).model)
 
 
+def _last_caption_path(profile_name: str) -> str | None:
+    """The directory the profile's newest captioning job (job submit --caption) captions: record paths
+    are relative to it, so that is what "no record yet" must be counted against."""
+    found = [r for r in load_records(profile_name) if r.caption and not r.root]
+    return str(found[-1].caption["path"]) if found and found[-1].caption else None
+
+
 def check(cfg: Config, profile_name: str, local_dir: Path, source: str | None = None) -> Pending:
-    """List the profile's cluster (videos under ``source``, default paths.videos_dir; records under
+    """List the profile's cluster (videos under ``source``, default the newest captioning job's directory,
+    else paths.videos_dir; records under
     ``cluster_out_dir``) over SSH and compare with ``local_dir``. ConfigError/UsageError (exit 2) for a
     profile without ssh.host or a bad path, TransportError (exit 3) when the cluster cannot be reached."""
     profile = cfg.profile(profile_name)
@@ -364,6 +373,8 @@ def check(cfg: Config, profile_name: str, local_dir: Path, source: str | None = 
         src = jobscript.home_relative(source, "--source") if source is not None else None
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
+    if src is None:
+        src = _last_caption_path(profile_name)
     if src is None:
         try:
             src = jobscript.home_relative(profile.paths.videos_dir, "paths.videos_dir")

@@ -52,6 +52,11 @@ def shard_tag(shard: tuple[int, int]) -> str:
     return f"shard-{shard[0]}-of-{shard[1]}"
 
 
+def ledger_name(shard: tuple[int, int] | None) -> str:
+    """The failure ledger of a run of ``shard`` (None: an unsharded run)."""
+    return "failures.jsonl" if shard is None else f"failures.{shard_tag(shard)}.jsonl"
+
+
 def _try_flock(fd: int, op: int) -> bool:
     for attempt in range(_LOCK_TRIES):
         try:
@@ -84,9 +89,7 @@ class OutputDir:
         """This run's failure ledger. Every writer has its own: O_APPEND is not atomic on NFS (the client
         picks the offset from its cached size), so lines of shards on several nodes would overwrite each
         other in one shared file."""
-        if self.shard is None:
-            return self.meta / "failures.jsonl"
-        return self.meta / f"failures.{shard_tag(self.shard)}.jsonl"
+        return self.meta / ledger_name(self.shard)
 
     def failure_ledgers(self) -> list[Path]:
         """Every failure ledger in the directory (of unsharded and sharded runs, old and current)."""

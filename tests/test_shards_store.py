@@ -352,3 +352,14 @@ def test_an_unsharded_run_is_refused_while_shards_run(corpus: videos.Corpus, tmp
     assert summary.shard == "1/2" and summary.counts.done > 0
     (only,) = (out / META / "runs").glob("*.json")  # the refused runs wrote no summary
     assert only.name == f"{summary.run_id}.json"
+
+
+def test_throughput_counts_shards_side_by_side_once(tmp_path: Path) -> None:
+    runs = tmp_path / "out" / META / "runs"
+    runs.mkdir(parents=True)
+    # three shards over the same 10 minutes, 100 videos each: 300 videos in 600 s, not in 1800 s
+    for i in range(3):
+        summary = _summary(f"s{i}", "2026-01-01T00:10:00+00:00", 100, 600.0)
+        (runs / f"20260101T000000.000000Z-9_{i}.json").write_text(summary)
+    assert report.build(tmp_path / "out").throughput_videos_per_s == 0.5
+    assert report.busy_seconds([(0, 10), (5, 15), (20, 30), (21, 22)]) == 25

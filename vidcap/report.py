@@ -6,6 +6,7 @@ import json
 import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -130,7 +131,8 @@ def _runs(store: OutputDir, report: Report) -> None:
     not know for sure."""
     files = sorted(store.runs_dir.glob("*.json")) if store.runs_dir.is_dir() else []
     report.runs = len(files)
-    done = wall = 0.0
+    done = 0.0
+    spans: list[tuple[float, float]] = []
     for path in files:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
@@ -143,6 +145,29 @@ def _runs(store: OutputDir, report: Report) -> None:
             report.running_or_killed += 1
             continue
         done += (data.get("counts") or {}).get("done", 0)
-        wall += data.get("wall_s") or 0.0
+        span = _span(data)
+        if span is not None:
+            spans.append(span)
+    wall = busy_seconds(spans)
     if wall > 0:
         report.throughput_videos_per_s = round(done / wall, 3)
+
+
+def _span(run: dict[str, Any]) -> tuple[float, float] | None:
+    """(start, end) in epoch seconds: from ``finished`` back by ``wall_s``."""
+    try:
+        end = datetime.fromisoformat(str(run["finished"])).timestamp()
+        return end - float(run.get("wall_s") or 0.0), end
+    except (KeyError, ValueError, TypeError):
+        return None
+
+
+def busy_seconds(spans: list[tuple[float, float]]) -> float:
+    """The length of the union of the spans: shards running side by side count once, not N times."""
+    total, end = 0.0, float("-inf")
+    for start, stop in sorted(spans):
+        if stop <= end:
+            continue
+        total += stop - max(start, end)
+        end = stop
+    return total

@@ -410,3 +410,23 @@ def test_a_running_slurm_job_its_server_and_the_tunnel(
         cli("tunnel", "down")
         cli("job", "cancel", job_id)
         slurm_cluster.wait_state(job_id, "CANCELLED", timeout=30)
+
+
+def test_a_cluster_vidcap_without_the_guard_is_named_too_old() -> None:
+    """An old vidcap passes --version but has no vidcap-guard: the job would fail at start; doctor says so."""
+    profile = parse({"profiles": {"p": {}}}).profile("p")
+    lines = [
+        f"{doctor._MARK} vidcap_path 0 /opt/old/bin/vidcap",
+        f"{doctor._MARK} vidcap 0 vidcap {__version__}",
+        f"{doctor._MARK} guard 1 ",
+        f"{doctor._MARK} python 0 /usr/bin/python3",
+        f"{doctor._MARK} vllm 0 0.11.0",
+        f"{doctor._MARK} server 0 /opt/bin/vllm",
+    ]
+    rows = doctor.environment_rows(profile, "p", "\n".join(lines).encode(), b"", 0, "on the login node")
+    vidcap_row = next(r for r in rows if r.name == "vidcap")
+    assert vidcap_row.status == "fail" and "no vidcap-guard" in vidcap_row.detail
+    assert "upgrade" in vidcap_row.fix
+    good = [line.replace("guard 1 ", "guard 0 /opt/old/bin/vidcap-guard") for line in lines]
+    rows = doctor.environment_rows(profile, "p", "\n".join(good).encode(), b"", 0, "on the login node")
+    assert next(r for r in rows if r.name == "vidcap").status == "ok"

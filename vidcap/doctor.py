@@ -87,6 +87,7 @@ def probe_script(profile: Profile) -> str:
     probes = {
         "vidcap_path": "command -v vidcap",
         "vidcap": "vidcap --version",
+        "guard": "command -v vidcap-guard",
         "python": "command -v python3",
         "vllm": "python3 -c 'import vllm; print(vllm.__version__)'",
         "server": f"command -v {shlex.quote(server)}",
@@ -152,6 +153,13 @@ def environment_rows(
         row = _fail("vidcap", f"no vidcap on PATH after the job.setup lines ({where})", install)
     elif version.rc != 0:
         row = _fail("vidcap", f"{path.out} --version failed ({where}): {version.out[-300:]}", install)
+    elif probes.get("guard", Probe(0, "")).rc != 0:  # the job starts vidcap-guard beside vidcap
+        row = _fail(
+            "vidcap",
+            f"{version.out} at {path.out}, but no vidcap-guard on PATH ({where}): that vidcap is too old for "
+            "the job, which puts vidcap-guard in front of vLLM",
+            install.replace("install vidcap", "upgrade to vidcap", 1),
+        )
     else:
         here = "" if where == _THIS_MACHINE else f"; this machine: vidcap {__version__}"
         detail = f"{version.out} at {path.out} ({where}){here}"

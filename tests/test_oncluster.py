@@ -59,6 +59,8 @@ def test_sharded_caption_job_then_sync_brings_identical_records_home(site: Site,
         assert s["counts"]["done"] == len(share)
         assert s["total"] is not None and s["total"] >= len(share)
 
+    listed = {r["id"]: r for r in json.loads(site.cli("job", "list", "--json").stdout)}
+    assert listed[job]["reason"].endswith("/3 tasks completed")  # the array summed up from its tasks
     status = site.cli("job", "status", job)
     assert status.returncode == 0, status.stderr
     assert f"{job}_2" in status.stdout and "captioned" in status.stdout

@@ -24,6 +24,8 @@ from vidcap.slurm_parse import (
     SQUEUE_FORMAT,
     JobState,
     JobStatus,
+    array_status,
+    array_tasks,
     parse_sacct,
     parse_sbatch,
     parse_squeue,
@@ -102,7 +104,7 @@ class SlurmExecutor:
         queue = self._run(["squeue", "-h", "-r", "-t", "all", "-j", ",".join(ids), "-o", SQUEUE_FORMAT])
         text = queue.stdout.decode(errors="replace")
         for job_id in ids:
-            status = parse_squeue(text, job_id)
+            status = parse_squeue(text, job_id) or _whole_array(text, job_id, 6)
             if status is not None:
                 found[job_id] = status
         rest = [i for i in ids if i not in found]
@@ -110,8 +112,10 @@ class SlurmExecutor:
             acct = self._run(["sacct", "-X", "-n", "-P", "-o", SACCT_FIELDS, "-j", ",".join(rest)])
             text = acct.stdout.decode(errors="replace")
             for job_id in rest:
-                found[job_id] = parse_sacct(text, job_id) or JobStatus(
-                    job_id, JobState.UNKNOWN, reason="neither squeue nor sacct knows this job"
+                found[job_id] = (
+                    parse_sacct(text, job_id)
+                    or _whole_array(text, job_id, 7)
+                    or JobStatus(job_id, JobState.UNKNOWN, reason="neither squeue nor sacct knows this job")
                 )
         return found
 
@@ -156,6 +160,12 @@ class SlurmExecutor:
 
     def close(self) -> None:
         self.transport.close()
+
+
+def _whole_array(text: str, job_id: str, fields: int) -> JobStatus | None:
+    """An array job named by its own id (123): Slurm lists only its tasks (123_0, ...); sum them up."""
+    tasks = array_tasks(text, job_id, fields)
+    return array_status(job_id, tasks) if tasks else None
 
 
 def _local_path(path: str) -> Path:

@@ -27,7 +27,7 @@ from vidcap.config import Config, Profile
 from vidcap.errors import ConfigError, JobError, UsageError
 from vidcap.executors import JOB_NAME_PREFIX, Executor, open_executor
 from vidcap.jobstate import JobRecord, find_record, load_records, now, save_record
-from vidcap.slurm_parse import JobState, JobStatus
+from vidcap.slurm_parse import JobState, JobStatus, array_status
 
 __all__ = ["Executor", "JobRecord", "load_records", "open_executor"]
 
@@ -392,22 +392,6 @@ def list_jobs(ex: Executor, profile_name: str | None) -> list[tuple[JobRecord, J
     tasks = {r.id: [task_record(r, r.task_id(i)) for i in (r.tasks or [0])] for r in recs}
     statuses = ex.statuses([t for ts in tasks.values() for t in ts])
     return [(r, array_status(r.id, [statuses[t.id] for t in tasks[r.id]])) for r in recs]
-
-
-def array_status(job_id: str, tasks: list[JobStatus]) -> JobStatus:
-    """One state for several tasks: the job's own for one; else RUNNING while any runs, then PENDING
-    while any waits, then COMPLETED when all completed, else the first other ending."""
-    if len(tasks) == 1:
-        return replace(tasks[0], job_id=job_id)
-    states = [t.state for t in tasks]
-    count = f"{sum(s is JobState.COMPLETED for s in states)}/{len(tasks)} tasks completed"
-    for state in (JobState.RUNNING, JobState.PENDING):
-        if state in states:
-            return JobStatus(job_id, state, reason=count)
-    if any(not s.finished for s in states):
-        return JobStatus(job_id, next(s for s in states if not s.finished), reason=count)
-    other = next((t for t in tasks if t.state is not JobState.COMPLETED), None)
-    return JobStatus(job_id, other.state if other else JobState.COMPLETED, reason=count)
 
 
 def local_endpoint(cfg: Config, profile: Profile) -> tuple[str, str | None] | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -122,6 +123,34 @@ def parse_sacct(text: str, job_id: str) -> JobStatus | None:
     """The status of ``job_id`` from ``sacct -X -n -P -o SACCT_FIELDS -j ID``; None when unknown."""
     parts = _find(text, job_id, 7)
     return _status(job_id, parts) if parts else None
+
+
+def array_status(job_id: str, tasks: list[JobStatus]) -> JobStatus:
+    """One state for several tasks: the job's own for one; else RUNNING while any runs, then PENDING
+    while any waits, then COMPLETED when all completed, else the first other ending."""
+    if len(tasks) == 1:
+        return dataclasses.replace(tasks[0], job_id=job_id)
+    states = [t.state for t in tasks]
+    count = f"{sum(s is JobState.COMPLETED for s in states)}/{len(tasks)} tasks completed"
+    for state in (JobState.RUNNING, JobState.PENDING):
+        if state in states:
+            return JobStatus(job_id, state, reason=count)
+    if any(not s.finished for s in states):
+        return JobStatus(job_id, next(s for s in states if not s.finished), reason=count)
+    other = next((t for t in tasks if t.state is not JobState.COMPLETED), None)
+    return JobStatus(job_id, other.state if other else JobState.COMPLETED, reason=count)
+
+
+def array_tasks(text: str, job_id: str, fields: int) -> list[JobStatus]:
+    """The tasks ``<job_id>_<n>`` of array job ``job_id`` in squeue/sacct output (one per line)."""
+    prefix = job_id + "_"
+    found = []
+    for line in text.splitlines():
+        parts = line.split("|")
+        task = parts[0].strip()
+        if len(parts) >= fields and task.startswith(prefix) and task[len(prefix) :].isdigit():
+            found.append(_status(task, parts[:fields]))
+    return found
 
 
 # sinfo -h -o: partition | avail | gres | node count | state | node list

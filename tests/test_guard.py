@@ -9,12 +9,14 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import socketserver
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -26,7 +28,7 @@ from PIL import Image
 from standin import StandIn  # tests/ is on sys.path (conftest)
 
 from vidcap import guard as guard_mod
-from vidcap.guard import Forward, Guard, Refusal, check_head, parse_upstream, path_refusal
+from vidcap.guard import Forward, Guard, Refusal, Upstream, check_head, parse_upstream, path_refusal
 
 REPO = Path(__file__).resolve().parent.parent
 KEY = "test-key-0123456789abcdef"
@@ -91,9 +93,10 @@ REFUSED = [
 class Recorder:
     """An HTTP/1.1 server that records each request (method, target, body length and sha256) and answers
     with that record as JSON. Special paths: /v1/close answers with Connection: close and closes;
-    /v1/cut sends half a response and closes; /v1/bytes?n=N answers with N bytes."""
+    /v1/cut sends half a response and closes; /v1/bytes?n=N answers with N bytes. On 127.0.0.1:``port``,
+    or on the unix socket ``unix`` (a path) when that is given."""
 
-    def __init__(self, port: int = 0) -> None:
+    def __init__(self, port: int = 0, unix: Path | None = None) -> None:
         self.requests: list[dict] = []
         self.connections = 0
         recorder = self
@@ -161,8 +164,19 @@ class Recorder:
             allow_reuse_address = True
             request_queue_size = 128
 
-        self.server = Server(("127.0.0.1", port), Handler)
-        self.port = int(self.server.server_address[1])
+        class UnixServer(socketserver.ThreadingUnixStreamServer):
+            daemon_threads = True
+            request_queue_size = 128
+
+        self.server: socketserver.BaseServer
+        if unix is not None:
+            self.server = UnixServer(str(unix), Handler)
+            self.port = 0
+            self.upstream = Upstream(path=str(unix))
+        else:
+            self.server = Server(("127.0.0.1", port), Handler)
+            self.port = int(self.server.server_address[1])
+            self.upstream = Upstream("127.0.0.1", self.port)
         self.thread = threading.Thread(target=self.server.serve_forever, args=(0.1,), daemon=True)
         self.thread.start()
 
@@ -177,10 +191,12 @@ class Recorder:
 class GuardThread:
     """A Guard on its own event loop in a daemon thread."""
 
-    def __init__(self, upstream_port: int) -> None:
+    def __init__(self, upstream: int | Upstream) -> None:
         self.lines: list[str] = []
         self.loop = asyncio.new_event_loop()
-        self.guard = Guard("127.0.0.1", upstream_port, log=self.lines.append)
+        if isinstance(upstream, int):
+            upstream = Upstream("127.0.0.1", upstream)
+        self.guard = Guard(upstream, log=self.lines.append)
         self.port = self.loop.run_until_complete(self.guard.start())
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
@@ -291,10 +307,19 @@ def test_check_head() -> None:
 
 
 def test_parse_upstream() -> None:
-    assert parse_upstream("127.0.0.1:8000") == ("127.0.0.1", 8000)
-    assert parse_upstream("[::1]:8000") == ("::1", 8000)
-    for bad in ("127.0.0.1", ":80", "host:0", "host:99999", "host:http"):
-        with pytest.raises(ValueError, match="HOST:PORT"):
+    assert parse_upstream("127.0.0.1:8000") == Upstream("127.0.0.1", 8000)
+    assert parse_upstream("[::1]:8000") == Upstream("::1", 8000)
+    assert str(parse_upstream("[::1]:8000")) == "[::1]:8000"
+    sock = parse_upstream("unix:/tmp/vidcap-1.x/vllm sock:1")
+    assert (
+        sock == Upstream(path="/tmp/vidcap-1.x/vllm sock:1")
+        and str(sock) == "unix:/tmp/vidcap-1.x/vllm sock:1"
+    )
+    for bad in ("127.0.0.1", ":80", "host:0", "host:99999", "host:http", "/tmp/vllm.sock"):
+        with pytest.raises(ValueError, match="HOST:PORT or unix:PATH"):
+            parse_upstream(bad)
+    for bad in ("unix:", "unix:/a\0b"):
+        with pytest.raises(ValueError, match="expected unix:PATH"):
             parse_upstream(bad)
 
 
@@ -463,7 +488,7 @@ def test_the_refusal_log_is_rate_limited(recorder: Recorder) -> None:
     lines: list[str] = []
 
     async def scan() -> None:
-        guard = Guard("127.0.0.1", recorder.port, log=lines.append)
+        guard = Guard(recorder.upstream, log=lines.append)
         port = await guard.start()
         for _ in range(guard_mod.LOG_LINES_PER_MINUTE + 40):
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -559,14 +584,89 @@ def test_a_server_that_is_down_gives_502_and_the_guard_stays_up() -> None:
     assert len(states) == 3 and "cannot be reached" in states[0] and states[1].endswith("answers")
 
 
+# ---- a model server on a unix socket (how the job runs vLLM) ---------------------------------------------
+
+
+@pytest.fixture
+def sock_dir() -> Iterator[Path]:
+    """A private directory with a short path, like the job's: a unix socket's path has at most 107 bytes."""
+    path = Path(tempfile.mkdtemp(prefix="vidcap-guard-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def test_a_unix_socket_upstream(sock_dir: Path) -> None:
+    rec = Recorder(unix=sock_dir / "vllm.sock")
+    g = GuardThread(rec.upstream)
+    try:
+        body = os.urandom(5 * 1024 * 1024 + 3)
+        with client() as c:
+            assert c.get(g.url + "/health").json()["target"] == "/health"
+            got = c.post(g.url + "/v1/chat/completions", content=body).json()
+            assert got["length"] == len(body) and got["sha256"] == hashlib.sha256(body).hexdigest()
+            assert c.get(g.url + "/v1/bytes?n=3000000").content == b"x" * 3_000_000
+            assert c.get(g.url + "/version").json()["target"] == "/version"
+        assert rec.connections == 1 and g.guard.counts["forwarded"] == 4
+        assert raw(g.port, request("POST", "/invocations", body=b"{}")).startswith(b"HTTP/1.1 403")
+        with socket.create_connection(("127.0.0.1", g.port), timeout=10) as sock:  # half-closed client
+            sock.sendall(request("GET", "/v1/models"))
+            sock.shutdown(socket.SHUT_WR)
+            data = b""
+            while more := sock.recv(65536):
+                data += more
+        assert status_of(data) == 200 and data.endswith(b'"}')
+        assert rec.targets() == [
+            "/health",
+            "/v1/chat/completions",
+            "/v1/bytes?n=3000000",
+            "/version",
+            "/v1/models",
+        ]
+    finally:
+        g.stop()
+        rec.stop()
+    assert f"model server at unix:{sock_dir / 'vllm.sock'} answers" in g.lines
+
+
+def test_a_unix_socket_that_is_missing_or_dead_gives_502(sock_dir: Path) -> None:
+    path = sock_dir / "vllm.sock"
+    g = GuardThread(Upstream(path=str(path)))
+    bad_gateway = b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    try:
+        assert raw(g.port, request("GET", "/health")) == bad_gateway  # no socket file yet
+        with socket.socket(socket.AF_UNIX) as stale:  # bound, never listening: refused
+            stale.bind(str(path))
+            assert raw(g.port, request("GET", "/v1/models")) == bad_gateway
+        path.unlink()
+        rec = Recorder(unix=path)
+        try:
+            with client() as c:
+                assert c.get(g.url + "/health").status_code == 200
+        finally:
+            rec.stop()
+        assert status_of(raw(g.port, request("GET", "/health"))) == 502  # the socket file stays behind
+        assert g.guard.counts["upstream_errors"] == 3
+    finally:
+        g.stop()
+    states = [line for line in g.lines if line.startswith("model server")]
+    assert len(states) == 3, states
+    assert states[0].startswith(f"model server at unix:{path} cannot be reached: FileNotFoundError")
+    assert states[1] == f"model server at unix:{path} answers"
+    assert "cannot be reached: ConnectionRefusedError" in states[2]
+
+
 # ---- the command ---------------------------------------------------------------------------------------
 
 
-def _start_guard_process(tmp_path: Path, upstream: int, argv0: list[str]) -> tuple[subprocess.Popen, int]:
+def _start_guard_process(
+    tmp_path: Path, upstream: int | str, argv0: list[str]
+) -> tuple[subprocess.Popen, int]:
     port_file = tmp_path / "sub dir" / "guard.port"
     args = ["--listen-host", "0.0.0.0", "--port", "0", "--port-file", str(port_file)]
     proc = subprocess.Popen(
-        [*argv0, *args, "--upstream", f"127.0.0.1:{upstream}"],
+        [*argv0, *args, "--upstream", f"127.0.0.1:{upstream}" if isinstance(upstream, int) else upstream],
         stderr=subprocess.PIPE,
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
@@ -596,6 +696,24 @@ def test_the_command(recorder: Recorder, tmp_path: Path, how: str) -> None:
         assert proc.wait(10) == 0
     err = proc.stderr.read().decode() if proc.stderr else ""
     assert f"listening on 0.0.0.0:{port}" in err and "refused GET /metrics from 127.0.0.1" in err
+
+
+def test_the_command_with_a_unix_socket_upstream(tmp_path: Path, sock_dir: Path) -> None:
+    rec = Recorder(unix=sock_dir / "vllm.sock")
+    proc, port = _start_guard_process(
+        tmp_path, f"unix:{sock_dir / 'vllm.sock'}", [sys.executable, "-m", "vidcap.guard"]
+    )
+    try:
+        with client() as c:
+            assert c.get(f"http://127.0.0.1:{port}/health").status_code == 200
+            assert c.post(f"http://127.0.0.1:{port}/invocations", json={}).status_code == 403
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+        rec.stop()
+    err = proc.stderr.read().decode() if proc.stderr else ""
+    assert f"to unix:{sock_dir / 'vllm.sock'}, refusing the rest" in err
+    assert rec.targets() == ["/health"]
 
 
 def test_the_command_refuses_a_bad_upstream() -> None:

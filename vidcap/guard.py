@@ -4,8 +4,9 @@ vLLM checks its API key only for paths under /v1, /v2, /inference and /cohere (v
 docs/usage/security.md), and never for OPTIONS (its AuthenticationMiddleware lets CORS preflights
 through). Everything else answers whoever reaches the port: /invocations (the same inference as
 /v1/chat/completions), /tokenize, /detokenize, /pause, /resume, /abort_requests, /update_weights,
-/metrics, /docs, ... So in the job vLLM binds 127.0.0.1 and this proxy, bound on the node's address, is
-what endpoint.json names. It lets through only
+/metrics, /docs, ... So in the job vLLM listens only on a unix socket in a private (0700) node-local
+directory, which no other user can connect to, and this proxy, bound on the node's address, is what
+endpoint.json names. It lets through only
 
     GET /health                                     readiness; says nothing, needs no key
     GET /version                                    {"version": ...}: vidcap.client.server_info records
@@ -42,8 +43,9 @@ too; when the client closes, the upstream connection is half-closed the same way
 server is done. If the model server goes away in the middle of a response, the client sees its connection
 closed. A bad client (slow, garbage, gone mid-body) costs one coroutine and never holds up another.
 
-Run in the job as ``vidcap-guard --listen-host 0.0.0.0 --port 0 --port-file F --upstream 127.0.0.1:P``
-(or ``python -m vidcap.guard ...``). Standard library only; ``Guard`` runs in any event loop (tests).
+Run in the job as ``vidcap-guard --listen-host 0.0.0.0 --port 0 --port-file F --upstream unix:SOCKET``
+(or ``python -m vidcap.guard ...``); ``--upstream HOST:PORT`` reaches a model server over TCP instead.
+Standard library only; ``Guard`` runs in any event loop (tests).
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ import re
 import signal
 import sys
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,6 +88,25 @@ _REASONS = {
     502: "Bad Gateway",
     505: "HTTP Version Not Supported",
 }
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """Where the model server listens: ``host`` and ``port`` over TCP, or ``path``, a unix socket."""
+
+    host: str = ""
+    port: int = 0
+    path: str = ""  # when set, host and port are not used
+
+    def __str__(self) -> str:
+        if self.path:
+            return f"unix:{self.path}"
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    def connect(self) -> Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+        if self.path:
+            return asyncio.open_unix_connection(self.path, limit=CHUNK)
+        return asyncio.open_connection(self.host, self.port, limit=CHUNK)
 
 
 @dataclass(frozen=True)
@@ -213,14 +234,13 @@ class Guard:
 
     def __init__(
         self,
-        upstream_host: str,
-        upstream_port: int,
+        upstream: Upstream,
         *,
         host: str = "127.0.0.1",
         port: int = 0,
         log: Callable[[str], None] = _stderr,
     ) -> None:
-        self.upstream = (upstream_host, upstream_port)
+        self.upstream = upstream
         self.host, self._port = host, port
         self.log = log
         self.log_refusal = _Limited(log, LOG_LINES_PER_MINUTE)
@@ -253,9 +273,8 @@ class Guard:
 
     def upstream_state(self, ok: bool, detail: str = "") -> None:
         if ok != self._upstream_ok:
-            host, port = self.upstream
             state = "answers" if ok else f"cannot be reached: {detail}"
-            self.log(f"model server at {host}:{port} {state}")
+            self.log(f"model server at {self.upstream} {state}")
             self._upstream_ok = ok
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -323,10 +342,9 @@ class _Connection:
             await self.up_writer.drain()
 
     async def _connect(self) -> bool:
-        host, port = self.guard.upstream
         try:
             self.up_reader, self.up_writer = await asyncio.wait_for(
-                asyncio.open_connection(host, port, limit=CHUNK), CONNECT_TIMEOUT
+                self.guard.upstream.connect(), CONNECT_TIMEOUT
             )
         except (OSError, asyncio.TimeoutError) as exc:
             self.guard.counts["upstream_errors"] += 1
@@ -396,14 +414,19 @@ class _Connection:
 # -- the command --------------------------------------------------------------------------------------------
 
 
-def parse_upstream(text: str) -> tuple[str, int]:
-    """'127.0.0.1:8000' or '[::1]:8000' -> (host, port); ValueError otherwise."""
+def parse_upstream(text: str) -> Upstream:
+    """'unix:/path/vllm.sock' (a unix socket), '127.0.0.1:8000' or '[::1]:8000'; ValueError otherwise."""
+    if text.startswith("unix:"):
+        path = text[len("unix:") :]
+        if not path or "\0" in path:
+            raise ValueError(f"--upstream {text!r}: expected unix:PATH, e.g. unix:/tmp/d/vllm.sock")
+        return Upstream(path=path)
     host, colon, port = text.rpartition(":")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"--upstream {text!r}: expected HOST:PORT, e.g. 127.0.0.1:8000")
-    return host, int(port)
+        raise ValueError(f"--upstream {text!r}: expected HOST:PORT or unix:PATH, e.g. 127.0.0.1:8000")
+    return Upstream(host, int(port))
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -418,7 +441,7 @@ def _write_private(path: Path, text: str) -> None:
 
 
 async def serve(
-    upstream: tuple[str, int],
+    upstream: Upstream,
     *,
     host: str = "127.0.0.1",
     port: int = 0,
@@ -426,7 +449,7 @@ async def serve(
     ready: Callable[[int], None] | None = None,
 ) -> None:
     """Guard ``upstream`` until SIGTERM/SIGINT; the bound port goes to port_file (0600) and ready."""
-    guard = Guard(*upstream, host=host, port=port)
+    guard = Guard(upstream, host=host, port=port)
     bound = await guard.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -436,8 +459,7 @@ async def serve(
         if port_file is not None:
             _write_private(Path(port_file), f"{bound}\n")
         guard.log(
-            f"listening on {host}:{bound}; passing GET /health, GET /version and /v1/ to "
-            f"{upstream[0]}:{upstream[1]}, "
+            f"listening on {host}:{bound}; passing GET /health, GET /version and /v1/ to {upstream}, "
             "refusing the rest"
         )
         if ready is not None:
@@ -455,7 +477,9 @@ def main(argv: list[str] | None = None) -> int:
         description="Pass only GET /health, GET /version and /v1/ requests to the model server (see "
         "vidcap/guard.py).",
     )
-    parser.add_argument("--upstream", required=True, help="HOST:PORT of the model server")
+    parser.add_argument(
+        "--upstream", required=True, help="the model server: unix:PATH (its unix socket) or HOST:PORT"
+    )
     parser.add_argument("--listen-host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=0, help="port to bind (default 0: the kernel picks)")
     parser.add_argument("--port-file", type=Path, help="write the bound port here (0600)")

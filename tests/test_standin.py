@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import errno
 import hashlib
 import http.server
 import io
 import json
+import os
 import shutil
 import socket
+import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import wave
@@ -709,6 +714,7 @@ def test_subprocess_and_cli(tmp_path: Path, media: dict[str, Path]) -> None:
         r = httpx.post(url + "/v1/chat/completions", json=payload)
         assert r.status_code == 200 and "2 frames at 160x96" in r.json()["choices"][0]["message"]["content"]
         assert httpx.get(url + "/stats").json()["by_video"] == {str(media["red"]): 1}
+        assert len(tcp_listeners(proc.pid)) == 1  # what the --uds test checks the absence of
     finally:
         assert stop_subprocess(proc) == 0
     (line,) = log.read_text().splitlines()
@@ -727,3 +733,79 @@ def test_subprocess_and_cli(tmp_path: Path, media: dict[str, Path]) -> None:
         run_subprocess(["--error-rate", "2"], tmp_path)
     with pytest.raises(TypeError, match="unknown stand-in option"):
         StandIn(gpu_memory_utilization=0.9)
+
+
+# ---- a unix socket instead of a port (vLLM's --uds) ---------------------------------------------------
+
+
+@pytest.fixture
+def sock_dir() -> Iterator[Path]:
+    """A short path: a unix socket's path has at most 107 bytes, and pytest's tmp_path can be long."""
+    path = Path(tempfile.mkdtemp(prefix="standin-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def test_a_unix_socket_instead_of_a_port(sock_dir: Path) -> None:
+    path = sock_dir / "vllm.sock"
+    with StandIn(uds=str(path), host="no-such-host.invalid", port=1) as server:  # host and port: ignored
+        assert server.port == 0 and server.url == "http://localhost"
+        assert stat.S_ISSOCK(path.stat().st_mode)
+        transport = httpx.HTTPTransport(uds=str(path))
+        with httpx.Client(transport=transport, base_url=server.url, timeout=10) as c:
+            assert c.get("/health").status_code == 200
+            assert c.get("/v1/models").json()["data"][0]["id"] == MODEL
+            assert chat(c, body()).status_code == 200
+            server.pause()
+            with pytest.raises(httpx.ConnectError):
+                c.get("/health")
+            server.resume()  # on the same path again: its own socket file is replaced
+            assert c.get("/health").status_code == 200
+        assert server.stats()["completed"] == 1
+    assert stat.S_ISSOCK(path.stat().st_mode)  # left behind, as vLLM (uvicorn on a given socket) leaves it
+    with pytest.raises(OSError) as err:  # like vLLM: an existing file is not replaced
+        StandIn(uds=str(path)).start()
+    assert err.value.errno == errno.EADDRINUSE
+
+
+def tcp_listeners(pid: int) -> list[str]:
+    """The TCP addresses (hex, as /proc/net/tcp writes them) that process ``pid`` listens on."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:[") : -1])
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                    found.append(fields[1])
+    return found
+
+
+def test_a_unix_socket_in_its_own_process(tmp_path: Path, sock_dir: Path) -> None:
+    path = sock_dir / "vllm.sock"
+    proc, url = run_subprocess(["--uds", str(path), "--served-model-name", "omni"], tmp_path)
+    try:
+        assert url == "http://localhost"
+        with httpx.Client(transport=httpx.HTTPTransport(uds=str(path)), base_url=url, timeout=10) as c:
+            assert c.get("/v1/models").json()["data"][0]["id"] == "omni"
+        assert tcp_listeners(proc.pid) == []  # no port at all (run_subprocess passed --port 0)
+        assert not list(tmp_path.glob("standin-*.port"))  # --port-file is ignored too
+    finally:
+        assert stop_subprocess(proc) == 0
+    again = subprocess.run(
+        [sys.executable, "-m", "tests.standin.server", "--uds", str(path)],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert again.returncode == 1 and f"cannot listen on {path}" in again.stderr
+    assert "Address already in use" in again.stderr

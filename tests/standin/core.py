@@ -7,11 +7,13 @@ by ``StandIn`` (a loop in a daemon thread) and by the CLI (``asyncio.run``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
 import os
 import random
+import socket
 import sys
 import time
 import uuid
@@ -111,25 +113,53 @@ class Core:
         self._sweeper: asyncio.Task[None] | None = None
         self._warned_fields: set[str] = set()
         self.port = options.port
+        self._unix_inode: int | None = None  # the socket file we made (options.uds)
 
     # ---- lifecycle (all on the loop) ---------------------------------------------------------------
 
     async def start(self) -> int:
-        """Listen (on ``options.port``, or the port picked the first time); return the port."""
+        """Listen (on ``options.port``, or the port picked the first time; or on the unix socket
+        ``options.uds``); return the port (0 for a unix socket)."""
         loop = asyncio.get_running_loop()
         if self._pool is None:
             workers = self.options.decode_workers or min(32, (os.cpu_count() or 1) + 4)
             self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="standin-decode")
-        server = await loop.create_server(
-            lambda: _Protocol(self), self.options.host, self.port, reuse_address=True, backlog=2048
-        )
-        self._server = server
-        self.port = server.sockets[0].getsockname()[1]
+        if self.options.uds:
+            sock = self._bind_unix(self.options.uds)
+            try:
+                self._server = await loop.create_server(lambda: _Protocol(self), sock=sock, backlog=2048)
+            except BaseException:
+                sock.close()
+                raise
+            self.port = 0
+        else:
+            server = await loop.create_server(
+                lambda: _Protocol(self), self.options.host, self.port, reuse_address=True, backlog=2048
+            )
+            self._server = server
+            self.port = server.sockets[0].getsockname()[1]
         if self._sweeper is None:
             self._sweeper = loop.create_task(self._sweep_idle())
-        if self.options.port_file:
+        if self.options.port_file and not self.options.uds:
             _write_atomic(self.options.port_file, f"{self.port}\n")
         return self.port
+
+    def _bind_unix(self, path: str) -> socket.socket:
+        """Bind like vLLM's create_server_unix_socket (api_server.py): a plain bind, which fails with
+        EADDRINUSE when the path exists; uvicorn then listens on it (create_server(sock=...)) and nothing
+        removes the socket file afterwards. Only our own socket, left by pause(), is replaced."""
+        if self._unix_inode is not None:
+            with contextlib.suppress(OSError):
+                if os.stat(path).st_ino == self._unix_inode:
+                    os.unlink(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(path)
+        except BaseException:
+            sock.close()
+            raise
+        self._unix_inode = os.stat(path).st_ino
+        return sock
 
     @property
     def listening(self) -> bool:

@@ -20,6 +20,7 @@ class Options:
     host: str = "127.0.0.1"
     port: int = 0
     port_file: str | None = None
+    uds: str | None = None
     model: str = DEFAULT_MODEL
     served_model_name: str | None = None
     api_key: str | None = None
@@ -94,7 +95,12 @@ def parser() -> argparse.ArgumentParser:
     d = Options()
     p.add_argument("--host", default=d.host)
     p.add_argument("--port", type=int, default=d.port, help="0 picks a free port")
-    p.add_argument("--port-file", help="write the bound port here (atomically) once listening")
+    p.add_argument("--port-file", help="write the bound port here (atomically) once listening (TCP only)")
+    p.add_argument(
+        "--uds",
+        help="listen on this unix socket path instead; --host, --port and --port-file are ignored. Like "
+        "vLLM, an existing file there is an error (EADDRINUSE), and the socket file stays when it exits",
+    )
     p.add_argument("--model", default=d.model)
     p.add_argument("--served-model-name")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* (else $VLLM_API_KEY)")

@@ -10,6 +10,7 @@ In-process (pytest)::
 In its own process (benchmarks, Slurm jobs)::
 
     python -m tests.standin.server --port 0 --port-file PORT --slots 8 --latency 0.5
+    python -m tests.standin.server --uds /tmp/d/vllm.sock     # like vLLM's --uds: --host/--port ignored
     proc, url = run_subprocess(["--slots", "8"], tmp_path)
 
 Endpoints: GET /health, /version, /v1/models, /stats; POST /v1/chat/completions, /stats/reset.
@@ -22,6 +23,7 @@ import concurrent.futures
 import dataclasses
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -39,14 +41,16 @@ __all__ = ["StandIn", "main", "run_subprocess", "stop_subprocess"]
 T = TypeVar("T")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # Options that only matter when binding; ``port`` reads back the bound port instead.
-_BIND_ONLY = frozenset({"host", "port", "port_file"})
+_BIND_ONLY = frozenset({"host", "port", "port_file", "uds"})
 
 
 class StandIn:
     """The stand-in on its own event loop in a daemon thread, for use from synchronous test code.
 
     Every option of ``Options`` (the CLI flags in snake_case) is a keyword argument and, except host,
-    port and port_file, an attribute that can be changed while the server runs.
+    port, port_file and uds, an attribute that can be changed while the server runs. With ``uds`` (a unix
+    socket's path) ``url`` is ``http://localhost``: connect through that socket, e.g.
+    ``httpx.Client(transport=httpx.HTTPTransport(uds=path))``.
     """
 
     def __init__(self, **options: Any) -> None:
@@ -88,7 +92,9 @@ class StandIn:
 
     @property
     def url(self) -> str:
-        """Base URL without ``/v1``, e.g. ``http://127.0.0.1:43211``."""
+        """Base URL without ``/v1``, e.g. ``http://127.0.0.1:43211`` (``http://localhost`` with uds)."""
+        if self._options.uds:
+            return "http://localhost"
         host = self._options.host
         if host in ("", "0.0.0.0"):
             host = "127.0.0.1"
@@ -138,7 +144,7 @@ class StandIn:
         self._run(self._core.pause())
 
     def resume(self) -> None:
-        """Listen again on the same port."""
+        """Listen again on the same port (or unix socket)."""
         if not self._core.listening:
             self._run(self._core.start())
 
@@ -213,8 +219,9 @@ def run_subprocess(
 ) -> tuple[subprocess.Popen[bytes], str]:
     """Start ``python -m tests.standin.server ARGS`` and wait until it listens.
 
-    Returns the process and its base URL (no ``/v1``). Its stderr goes to a file in ``tmp_path``, quoted
-    in the error if it fails to start. Stop it with ``stop_subprocess``.
+    Returns the process and its base URL (no ``/v1``; ``http://localhost`` when ARGS has ``--uds PATH``:
+    connect through that socket). Its stderr goes to a file in ``tmp_path``, quoted in the error if it
+    fails to start. Stop it with ``stop_subprocess``.
     """
     tmp = Path(tmp_path)
     tag = uuid.uuid4().hex[:8]
@@ -232,24 +239,42 @@ def run_subprocess(
             stdout=subprocess.DEVNULL,
             stderr=stderr,
         )
+    uds = _flag(args, "--uds")
     deadline = time.monotonic() + timeout
-    while not port_file.exists():
+    while not (_accepts(uds) if uds else port_file.exists()):
         if proc.poll() is not None or time.monotonic() > deadline:
             stop_subprocess(proc)
             tail = stderr_path.read_text(errors="replace")[-2000:]
             raise RuntimeError(f"stand-in did not start (exit {proc.returncode}); stderr:\n{tail}")
         time.sleep(0.02)
+    if uds:
+        return proc, "http://localhost"
     port = int(port_file.read_text())
     return proc, f"http://{_host_of(args)}:{port}"
 
 
-def _host_of(args: Sequence[str]) -> str:
-    host = "127.0.0.1"
+def _flag(args: Sequence[str], name: str) -> str | None:
+    """The last value of ``--name V`` or ``--name=V`` in ``args``."""
+    value = None
     for i, arg in enumerate(args):
-        if arg == "--host" and i + 1 < len(args):
-            host = args[i + 1]
-        elif arg.startswith("--host="):
-            host = arg.split("=", 1)[1]
+        if arg == name and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(name + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def _accepts(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        try:
+            sock.connect(path)
+        except OSError:
+            return False
+    return True
+
+
+def _host_of(args: Sequence[str]) -> str:
+    host = _flag(args, "--host") or "127.0.0.1"
     if host in ("", "0.0.0.0"):
         return "127.0.0.1"
     return f"[{host}]" if ":" in host else host
@@ -269,8 +294,14 @@ def stop_subprocess(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> int
 
 async def _serve(options: Options) -> None:
     core = Core(options)
-    port = await core.start()
-    log.info("listening on http://%s:%d, serving %s", options.host, port, options.served_name)
+    try:
+        port = await core.start()
+    except OSError as exc:
+        where = options.uds or f"{options.host}:{options.port}"
+        log.error("cannot listen on %s: %s", where, exc)
+        raise SystemExit(1) from exc
+    where = f"unix:{options.uds}" if options.uds else f"http://{options.host}:{port}"
+    log.info("listening on %s, serving %s", where, options.served_name)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

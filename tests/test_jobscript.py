@@ -6,18 +6,22 @@ Regenerate the golden file after an intended change: VIDCAP_UPDATE_GOLDEN=1 pyte
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shlex
+import shutil
 import signal
 import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -399,7 +403,7 @@ def test_the_guard_runs_from_the_same_installation_as_the_file_server() -> None:
 # -- real runs ----------------------------------------------------------------------------------------------
 
 DUMPER = r"""
-import hashlib, http.server, json, os, signal, socket, subprocess, sys, threading, time
+import hashlib, http.server, json, os, signal, socketserver, sys, threading, time
 
 dump, argv = sys.argv[1], sys.argv[2:]
 
@@ -424,25 +428,9 @@ record = {
 with open(dump + ".tmp", "w") as fh:
     json.dump(record, fh)
 os.replace(dump + ".tmp", dump)
-port = int(last("--port"))
 
 if os.environ.get("DUMPER_EXIT"):
     sys.exit(int(os.environ["DUMPER_EXIT"]))
-
-flag = os.environ.get("DUMPER_COLLIDE_ONCE")
-if flag and not os.path.exists(flag):
-    # Someone else takes our port by number first (the residual race): listen on it, then die as a
-    # server does on EADDRINUSE.
-    squatter = subprocess.Popen([sys.executable, "-c", (
-        "import socket, sys, time\n"
-        "s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
-        "s.bind(('0.0.0.0', int(sys.argv[1]))); s.listen(); print('up', flush=True); time.sleep(20)\n"
-    ), str(port)], stdout=subprocess.PIPE, start_new_session=True)
-    squatter.stdout.readline()
-    with open(flag, "w") as fh:
-        json.dump({"port": port, "squatter": squatter.pid}, fh)
-    print("address already in use", file=sys.stderr)
-    sys.exit(1)
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -455,7 +443,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         pass
 
 
-server = http.server.HTTPServer((last("--host"), port), Handler)
+class UnixHTTPServer(socketserver.UnixStreamServer):
+    pass
+
+
+server = UnixHTTPServer(last("--uds"), Handler)  # like vLLM: a plain bind, the file is left behind
 signal.signal(signal.SIGTERM, lambda *a: threading.Thread(target=server.shutdown).start())
 parent = os.getppid()
 
@@ -550,7 +542,18 @@ def alive(pid: int) -> bool:
 
 
 @pytest.fixture
-def jobs(tmp_path: Path):
+def short_tmp() -> Iterator[Path]:
+    """The jobs' TMPDIR, where the model server's socket dir goes: short, as a unix socket's path has at
+    most 107 bytes and tmp_path can be long; removed at the end with whatever a killed job left there."""
+    path = Path(tempfile.mkdtemp(prefix="vidcap-jt-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def jobs(tmp_path: Path, short_tmp: Path):
     started: list[Run] = []
 
     def start(profile: Profile, job_id: str, *, env: dict[str, str] | None = None, **kwargs) -> Run:
@@ -576,8 +579,9 @@ def jobs(tmp_path: Path):
             VIDCAP_READY_TIMEOUT="30",
             PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
             PYTHONPATH=str(REPO),
-            **(env or {}),
+            TMPDIR=str(short_tmp),
         )
+        full_env.update(env or {})
         with log.open("wb") as out:
             proc = subprocess.Popen(
                 ["bash", str(script)],
@@ -633,6 +637,41 @@ def guard_pid(run: Run) -> int:
     return child_running(run, b"vidcap.guard")
 
 
+def listening_ports(pids: list[int]) -> dict[int, set[int]]:
+    """The TCP ports each of ``pids`` listens on: its socket fds (/proc/PID/fd) that /proc/net/tcp and
+    tcp6 list in state LISTEN (0A)."""
+    listening: dict[str, int] = {}  # socket inode -> port
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):  # no IPv6
+            for line in Path(table).read_text(encoding="ascii").splitlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A":
+                    listening[fields[9]] = int(fields[1].rpartition(":")[2], 16)
+    found: dict[int, set[int]] = {}
+    for pid in pids:
+        ports: set[int] = set()
+        with contextlib.suppress(OSError):  # a process that has just ended
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                with contextlib.suppress(OSError):
+                    target = os.readlink(fd)
+                    if target.startswith("socket:[") and target[8:-1] in listening:
+                        ports.add(listening[target[8:-1]])
+        found[pid] = ports
+    return found
+
+
+def unix_get(path: str, target: str) -> int:
+    """The status of GET ``target`` on the unix socket at ``path``."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(5)
+        sock.connect(path)
+        sock.sendall(f"GET {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while b"\r\n" not in data and (more := sock.recv(4096)):
+            data += more
+    return int(data.split(b" ", 2)[1])
+
+
 def files_health(port: int, token: str) -> dict:
     direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     with direct.open(f"http://127.0.0.1:{port}/t/{token}/health/", timeout=5) as resp:
@@ -642,7 +681,9 @@ def files_health(port: int, token: str) -> dict:
 def test_hostile_profile_runs_with_exact_argv_and_private_secrets(tmp_path: Path, jobs) -> None:
     profile, work = hostile_profile(tmp_path)
     extra = (
-        'if [[ -f "$JOB_DIR/endpoint.json" ]]; then echo "$VLLM_PORT $FILES_PORT" >"$JOB_DIR/extra.out"; fi'
+        'if [[ -f "$JOB_DIR/endpoint.json" ]]; then\n'
+        '    echo "$GUARD_PORT $FILES_PORT $VLLM_SOCK" >"$JOB_DIR/extra.out"\n'
+        "fi"
     )
     run = jobs(profile, "test123", extra_script=extra)
     endpoint = run.endpoint()
@@ -653,12 +694,10 @@ def test_hostile_profile_runs_with_exact_argv_and_private_secrets(tmp_path: Path
         *profile.server.vllm_args,
         "--served-model-name",
         profile.server.served_name,
-        "--host",
-        "127.0.0.1",
         "--allowed-local-media-path",
         str(videos),
-        "--port",
-        str(endpoint["internal_port"]),
+        "--uds",
+        endpoint["internal_socket"],
     ]
     assert json.loads(record["argv"][1]) == json.loads(HOSTILE_JSON)
     assert record["env"] == {
@@ -683,18 +722,26 @@ def test_hostile_profile_runs_with_exact_argv_and_private_secrets(tmp_path: Path
     assert secrets["api_key"].encode() not in cmdline and secrets["files_token"].encode() not in cmdline
     assert record["pgid"] == record["pid"]  # its own process group, stopped as a whole
 
-    assert set(endpoint) == {"node", "vllm_port", "internal_port", "files_port", "model", "started", "job_id"}
+    assert set(endpoint) == {
+        "node",
+        "vllm_port",
+        "internal_socket",
+        "files_port",
+        "model",
+        "started",
+        "job_id",
+    }
     assert endpoint["node"] == socket.gethostname()
     assert endpoint["model"] == profile.server.served_name
     assert endpoint["job_id"] == "test123"
-    assert len({endpoint["vllm_port"], endpoint["internal_port"], endpoint["files_port"]}) == 3
+    assert endpoint["vllm_port"] != endpoint["files_port"]
     # vllm_port is the guard's: it passes /health on to the server and refuses what vLLM leaves open.
     assert (job_dir / "guard.port").read_text(encoding="utf-8").strip() == str(endpoint["vllm_port"])
     assert http_status(endpoint["vllm_port"], "/health") == 200
     assert http_status(endpoint["vllm_port"], "/invocations", "POST") == 403
     guard = guard_pid(run)
     cmdline = Path(f"/proc/{guard}/cmdline").read_bytes().split(b"\0")
-    assert b"vidcap.guard" in cmdline and f"127.0.0.1:{endpoint['internal_port']}".encode() in cmdline
+    assert b"vidcap.guard" in cmdline and f"unix:{endpoint['internal_socket']}".encode() in cmdline
     assert secrets["api_key"].encode() not in b" ".join(cmdline)
     assert files_health(endpoint["files_port"], secrets["files_token"])["root"] == str(videos)
     assert (job_dir / "job.log").is_symlink() and os.readlink(job_dir / "job.log") == "../test123.log"
@@ -702,7 +749,7 @@ def test_hostile_profile_runs_with_exact_argv_and_private_secrets(tmp_path: Path
     while not (job_dir / "extra.out").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     extra_out = (job_dir / "extra.out").read_text(encoding="utf-8")
-    assert extra_out == f"{endpoint['internal_port']} {endpoint['files_port']}\n"
+    assert extra_out == f"{endpoint['vllm_port']} {endpoint['files_port']} {endpoint['internal_socket']}\n"
 
     children = run.children()
     assert children
@@ -718,7 +765,7 @@ def test_hostile_profile_runs_with_exact_argv_and_private_secrets(tmp_path: Path
     assert not [p for p in tmp_path.rglob("pwned")], f"a $() or `` in a value was executed:\n{log}"
 
 
-def test_two_jobs_on_one_node_get_different_ports(tmp_path: Path, jobs) -> None:
+def test_two_jobs_on_one_node_get_their_own_ports_and_sockets(tmp_path: Path, jobs) -> None:
     profile = Profile()
     videos = tmp_path / "videos"
     videos.mkdir()
@@ -726,11 +773,13 @@ def test_two_jobs_on_one_node_get_different_ports(tmp_path: Path, jobs) -> None:
     profile.paths.work_dir = str(tmp_path / "work")
     first, second = jobs(profile, "job-a"), jobs(profile, "job-b")
     a, b = first.endpoint(), second.endpoint()
-    ports = [e[name] for e in (a, b) for name in ("vllm_port", "internal_port", "files_port")]
-    assert len(set(ports)) == 6, ports
+    ports = [e[name] for e in (a, b) for name in ("vllm_port", "files_port")]
+    assert len(set(ports)) == 4, ports
+    assert Path(a["internal_socket"]).parent != Path(b["internal_socket"]).parent
     for run, endpoint in ((first, a), (second, b)):
         argv = json.loads(run.dump.read_text(encoding="utf-8"))["argv"]
-        assert argv[-2:] == ["--port", str(endpoint["internal_port"])]
+        assert argv[-2:] == ["--uds", endpoint["internal_socket"]]
+        assert http_status(endpoint["vllm_port"], "/health") == 200
     assert first.stop() == 143 and second.stop() == 143
 
 
@@ -759,6 +808,112 @@ def test_the_standin_serves_under_the_job_script_with_the_key_from_the_environme
     assert http_status(port, "/health") == 200
     assert "refused POST /invocations from 127.0.0.1: 403" in run.text()
     assert key not in run.text()
+    assert run.stop() == 143
+
+
+def plain_profile(tmp_path: Path) -> Profile:
+    profile = Profile()
+    (tmp_path / "videos").mkdir(exist_ok=True)
+    profile.paths.videos_dir = str(tmp_path / "videos")
+    profile.paths.work_dir = str(tmp_path / "work")
+    return profile
+
+
+def test_the_model_server_has_no_tcp_port_only_its_unix_socket(tmp_path: Path, jobs) -> None:
+    """The point of --uds: a port, even on 127.0.0.1, would let any user with a job on the node use what
+    vLLM's key leaves open. The job's only TCP listeners are the guard's port and the file server's."""
+    profile = plain_profile(tmp_path)
+    run = jobs(profile, "nolisten", server_command=[sys.executable, "-m", "tests.standin.server"])
+    endpoint = run.endpoint()
+    standin = child_running(run, b"tests.standin.server")
+    ports = listening_ports(run.children())
+    assert ports[standin] == set(), "the model server listens on a TCP port"
+    assert ports[guard_pid(run)] == {endpoint["vllm_port"]}
+    assert set().union(*ports.values()) == {endpoint["vllm_port"], endpoint["files_port"]}, ports
+    # The server answers on its socket (to its owner: the directory is 0700), and only the guard's
+    # allowlist reaches it from the network.
+    assert unix_get(endpoint["internal_socket"], "/health") == 200
+    assert http_status(endpoint["vllm_port"], "/health") == 200
+    assert http_status(endpoint["vllm_port"], "/invocations", "POST") == 403
+    assert run.stop() == 143
+
+
+def test_the_socket_dir_is_private_node_local_and_removed_at_the_end(
+    tmp_path: Path, jobs, short_tmp: Path
+) -> None:
+    profile = plain_profile(tmp_path)
+    run = jobs(profile, "sockdir")
+    endpoint = run.endpoint()
+    sock = Path(endpoint["internal_socket"])
+    assert sock.name == "vllm.sock" and sock.parent.parent == short_tmp  # under $TMPDIR
+    assert sock.parent.name.startswith("vidcap-sockdir.")
+    info = sock.parent.stat()
+    assert stat.S_IMODE(info.st_mode) == 0o700 and info.st_uid == os.getuid()
+    assert stat.S_ISSOCK(sock.stat().st_mode)
+    assert f"model server starting on {sock} behind the guard" in run.text()
+    assert run.stop() == 143
+    assert not sock.parent.exists(), "the socket dir (and the socket vLLM leaves) outlived the job"
+    assert list(short_tmp.iterdir()) == []
+    # A start that fails leaves nothing behind either.
+    failed = jobs(profile, "sockdir-fails", env={"DUMPER_EXIT": "7"})
+    assert failed.proc.wait(25) == 7
+    assert list(short_tmp.iterdir()) == []
+
+
+@pytest.mark.parametrize("why", ["too long", "missing"])
+def test_a_tmpdir_that_cannot_hold_the_socket_falls_back_to_tmp(
+    tmp_path: Path, jobs, short_tmp: Path, why: str
+) -> None:
+    base = short_tmp / ("d" * 90 if why == "too long" else "no such dir")
+    if why == "too long":
+        base.mkdir()  # <base>/vidcap-<job>.XXXXXX/vllm.sock would be over 107 bytes
+    profile = plain_profile(tmp_path)
+    run = jobs(profile, "fallback", env={"TMPDIR": str(base)})
+    sock = Path(run.endpoint()["internal_socket"])
+    assert sock.parent.parent == Path("/tmp") and len(str(sock).encode()) <= 107
+    assert stat.S_IMODE(sock.parent.stat().st_mode) == 0o700
+    assert run.stop() == 143
+    assert not sock.parent.exists()
+    if why == "too long":
+        assert list(base.iterdir()) == []  # the directory tried first is gone
+
+
+def _python_for(uid: int) -> str | None:
+    """A python3 that user ``uid`` can run (the test's own may live under a private home), or None."""
+    for python in (shutil.which("python3", path="/usr/bin:/bin:/usr/local/bin"), sys.executable):
+        if python:
+            with contextlib.suppress(OSError, subprocess.SubprocessError):
+                ok = subprocess.run([python, "-I", "-c", "pass"], user=uid, group=uid, cwd="/", timeout=30)
+                if ok.returncode == 0:
+                    return python
+    return None
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="acting as another user needs root")
+def test_another_user_on_the_node_cannot_connect_to_the_model_server(tmp_path: Path, jobs) -> None:
+    nobody = 65534
+    python = _python_for(nobody)
+    if python is None:
+        pytest.skip("no python3 that uid 65534 can run")
+    profile = plain_profile(tmp_path)
+    run = jobs(profile, "otheruser")
+    endpoint = run.endpoint()
+    probe = (
+        "import socket, sys\n"
+        "s = socket.socket(socket.AF_UNIX)\n"
+        "try:\n"
+        "    s.connect(sys.argv[1])\n"
+        "except OSError as exc:\n"
+        "    print(type(exc).__name__)\n"
+        "else:\n"
+        "    print('connected')\n"
+    )
+    argv = [python, "-I", "-c", probe, endpoint["internal_socket"]]
+    done = subprocess.run(
+        argv, user=nobody, group=nobody, cwd="/", capture_output=True, text=True, timeout=30
+    )
+    assert done.stdout.strip() == "PermissionError", done
+    assert http_status(endpoint["vllm_port"], "/health") == 200  # the guard is the way in
     assert run.stop() == 143
 
 
@@ -793,24 +948,6 @@ def test_a_server_that_dies_at_start_fails_the_job_fast(tmp_path: Path, jobs) ->
     log = run.text()
     assert "the model server exited with status 7 before it was ready" in log
     assert not (run.job_dir / "endpoint.json").exists() and not (run.job_dir / "secrets.json").exists()
-
-
-def test_a_port_taken_before_the_server_binds_is_retried(tmp_path: Path, jobs) -> None:
-    profile = Profile()
-    (tmp_path / "videos").mkdir()
-    profile.paths.videos_dir = str(tmp_path / "videos")
-    profile.paths.work_dir = str(tmp_path / "work")
-    flag = tmp_path / "collided.json"
-    run = jobs(profile, "retry", env={"DUMPER_COLLIDE_ONCE": str(flag)})
-    try:
-        endpoint = run.endpoint()
-        collided = json.loads(flag.read_text(encoding="utf-8"))
-        assert endpoint["vllm_port"] != collided["port"]
-        assert f"port {collided['port']} was taken by another process; retrying on a new port" in run.text()
-        assert run.stop() == 143
-    finally:
-        if flag.exists():
-            os.killpg(json.loads(flag.read_text(encoding="utf-8"))["squatter"], signal.SIGKILL)
 
 
 def test_a_guard_that_cannot_start_fails_the_job(tmp_path: Path, jobs) -> None:

@@ -29,15 +29,18 @@ vLLM flags, as checked against vLLM's sources and docs (not guessed):
   - API key: ``tokens = args.api_key or [envs.VLLM_API_KEY]`` in vllm/entrypoints/openai/api_server.py
     (build_app): the VLLM_API_KEY environment variable works like ``--api-key``, which would show the
     key in ps. docs/usage/security.md: the key guards /v1, /v2 and /inference only; /health,
-    /invocations, /tokenize, /pause, ... stay open to anyone who can reach the port. Hence vLLM binds
-    ``--host 127.0.0.1`` and vidcap's guard (vidcap/guard.py), bound on the node's address, passes on only
-    GET /health, GET /version and /v1/...; endpoint.json's vllm_port is the guard's port. The guard runs
-    from the same installation as the file server: ``guard_argv`` derives its command from
-    ``vidcap_command``.
-  - vLLM binds its socket before loading the model (api_server.py setup_server: "bind the port before
-    the engine is set up"), with SO_REUSEADDR and SO_REUSEPORT (create_server_socket). SO_REUSEPORT means
-    a second server of the same user on the same port would NOT fail but share it silently; hence the
-    port is held for the server from the pick until it listens (see hold_port in the template).
+    /invocations, /tokenize, /pause, ... stay open to anyone who can reach the server. Hence vLLM listens
+    on no TCP port at all, where any other user with a job on the node could reach it (127.0.0.1
+    included), but on a unix socket (below), and vidcap's guard (vidcap/guard.py), bound on the node's
+    address, passes on only GET /health, GET /version and /v1/...; endpoint.json's vllm_port is the
+    guard's port. The guard runs from the same installation as the file server: ``guard_argv`` derives
+    its command from ``vidcap_command``.
+  - ``--uds PATH``: "Unix domain socket path. If set, host and port arguments are ignored"
+    (vllm/entrypoints/openai/cli_args.py). api_server.py create_server_unix_socket binds the path plainly
+    before the engine is set up: an existing file there fails with EADDRINUSE, and nothing removes the
+    socket file when vLLM exits. So the template makes a new private directory for each run (mktemp -d,
+    0700, node-local under $TMPDIR: a socket's path has at most 107 bytes, and job dirs are often on NFS
+    or Lustre) and removes it on exit; the guard reaches vLLM there (``--upstream unix:PATH``).
 """
 
 from __future__ import annotations
@@ -72,17 +75,17 @@ GUARD_PORT_FILE = "guard.port"
 # Flags the script sets itself; in vllm_args they would be ignored (ours come last) or leak the key.
 _MANAGED_FLAGS = {
     "--api-key": "the API key is generated per job and passed in the environment (VLLM_API_KEY)",
-    "--host": "the server binds 127.0.0.1 behind vidcap's guard, which alone listens on the node's address",
-    "--port": "the port is picked free on the GPU node",
-    "--uds": "the server is reached over TCP through the tunnel",
+    "--host": "the server listens on a private unix socket behind vidcap's guard, on no TCP address",
+    "--port": "the server listens on a private unix socket, not a port; the guard's port is picked free",
+    "--uds": "the job makes the socket in a private node-local directory, for vidcap's guard to reach",
     "--allowed-local-media-path": "it is the profile's paths.videos_dir",
 }
 # Variables the script itself uses; job.env must not overwrite them.
 _RESERVED_ENV = frozenset(
     {
         *("JOB_KEY", "WORK_DIR", "JOB_DIR", "VIDEOS_SRC", "VIDEOS_DIR", "SERVED_NAME", "SERVER", "VIDCAP"),
-        *("READY_TIMEOUT", "READY_DEADLINE", "SERVER_PID", "FILES_PID", "HOLDER_PID", "POLL_PID"),
-        *("VLLM_PORT", "FILES_PORT", "VLLM_API_KEY", "VIDCAP_LOCAL_JOB_ID", "attempt", "rc", "status"),
+        *("READY_TIMEOUT", "READY_DEADLINE", "SERVER_PID", "FILES_PID", "POLL_PID", "SOCK_DIR"),
+        *("VLLM_SOCK", "FILES_PORT", "VLLM_API_KEY", "VIDCAP_LOCAL_JOB_ID", "rc", "status"),
         *("GUARD", "GUARD_PID", "GUARD_PORT", "CAPTION_PID", "CAPTION_SRC", "CAPTION_OUT", "CAPTION_DIR"),
         *("CAPTION", "VIDCAP_API_KEY", "VIDCAP_JOB_KEY"),
     }
@@ -307,8 +310,8 @@ def template() -> str:
 
 
 def server_argv(profile: Profile, preset: Preset, server_command: Sequence[str] | None = None) -> list[str]:
-    """The model server's argv before the flags the script adds (--served-model-name, --host,
-    --allowed-local-media-path, --port): ``vllm serve MODEL`` + the preset's args (or ``server_command``
+    """The model server's argv before the flags the script adds (--served-model-name,
+    --allowed-local-media-path, --uds): ``vllm serve MODEL`` + the preset's args (or ``server_command``
     instead of those), then the profile's server.vllm_args."""
     check_vllm_args(profile.server.vllm_args, "server.vllm_args")
     if server_command is None:
@@ -374,13 +377,14 @@ def render(
     """The batch script that serves ``preset`` with ``profile``'s job settings. Pure: same inputs, same text.
 
     ``server_command`` replaces ``vllm serve MODEL <preset args>`` (tests pass the stand-in); the profile's
-    server.vllm_args and the script's own flags (--served-model-name, --host 127.0.0.1, --allowed-local-
-    media-path <videos dir>, --port) follow it either way. ``vidcap_command`` runs the file server (default
+    server.vllm_args and the script's own flags (--served-model-name, --allowed-local-media-path <videos
+    dir>, --uds <socket>) follow it either way. ``vidcap_command`` runs the file server (default
     ``vidcap``, from the PATH the setup lines make), and the guard is run from the same place
     (``guard_argv``). ``array`` is an #SBATCH --array index list.
-    ``extra_script`` is shell run once the endpoint is ready (JOB_DIR, VLLM_PORT (the model server itself,
-    on 127.0.0.1), GUARD_PORT (the guard, what endpoint.json names), FILES_PORT, SERVED_NAME and
-    VIDEOS_DIR are set; secrets are in $JOB_DIR/secrets.json); the job then serves until one of the
+    ``extra_script`` is shell run once the endpoint is ready (JOB_DIR, GUARD_PORT (the guard, what
+    endpoint.json names: reach the model server at http://127.0.0.1:$GUARD_PORT/v1), FILES_PORT,
+    SERVED_NAME and VIDEOS_DIR are set; VLLM_SOCK, the model server's own unix socket in the private
+    SOCK_DIR, is for debugging; secrets are in $JOB_DIR/secrets.json); the job then serves until one of the
     servers ends, so a snippet that should end the job calls ``exit`` (the servers are stopped on exit).
     Raises ValueError for a value that cannot be written into the script.
     """

@@ -9,8 +9,10 @@ case "$CAPTION_DIR/" in
     *) say "caption path $CAPTION_DIR is not under videos_dir $VIDEOS_DIR, the only directory the model server reads"; exit 2 ;;
 esac
 mkdir -p -- "$CAPTION_OUT"
+# Through the guard, like any client: it passes GET /health, GET /version and /v1/, all that `vidcap caption`
+# uses; the model server itself listens only on its private unix socket.
 CAPTION=(caption "$CAPTION_DIR" --config "$JOB_DIR/caption.json" --out "$CAPTION_OUT"
-    --server "http://127.0.0.1:$VLLM_PORT/v1" --model "$SERVED_NAME"{{shard}})
+    --server "http://127.0.0.1:$GUARD_PORT/v1" --model "$SERVED_NAME"{{shard}})
 VIDCAP_API_KEY=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["api_key"])' "$JOB_DIR/secrets.json")
 VIDCAP_JOB_KEY=$JOB_KEY  # names the run summaries after this task: `vidcap job status` reads them
 export VIDCAP_API_KEY VIDCAP_JOB_KEY

@@ -377,6 +377,20 @@ def test_cli_dry_run_sends_nothing(corpus: videos.Corpus, server: Any, tmp_path:
     assert notes["bad/empty.mp4"].startswith("empty")
     assert server.stats()["requests"] == 0
 
+    # after a run, the plan calls its videos done: the server's model and context, which the config hash
+    # covers, are asked of the server (GET /models), not guessed from the config
+    out = str(tmp_path / "o")
+    assert _cli("caption", str(corpus.root), "--server", server.url, "--out", out).returncode == 1
+    sent = server.stats()["requests"]
+    res = _cli("caption", str(corpus.root), "--server", server.url, "--out", out, "--dry-run", "--json")
+    assert res.returncode == 0 and "warning" not in res.stderr, res.stderr
+    notes = {r["path"]: r["note"] for r in json.loads(res.stdout)}
+    assert {p for p, n in notes.items() if n.startswith("done")} == good(corpus)
+    assert server.stats()["requests"] == sent
+    # no server: planned with the configured values, and said so
+    res = _cli("caption", str(corpus.root), "--server", "http://127.0.0.1:9/v1", "--out", out, "--dry-run")
+    assert res.returncode == 0 and "planning with the configured model" in res.stderr
+
 
 def test_cli_usage_errors_exit_2(corpus: videos.Corpus, tmp_path: Path) -> None:
     assert _cli("caption", str(tmp_path / "missing")).returncode == 2

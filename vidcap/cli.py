@@ -11,6 +11,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from vidcap import __version__, captioner, config, dryrun, options, remote, tunnel
@@ -159,10 +160,14 @@ def caption(
         resolved = options.resolve(cfg, settings)
         job, endpoint = resolved.job, resolved.endpoint
         if dry_run:
+
+            def warn(message: str) -> None:
+                err.print(f"[yellow]warning[/] {escape(message)}", highlight=False, soft_wrap=True)
+
             if resolved.remote:
-                rows = asyncio.run(remote.plan(cfg, job, *resolved.remote, config_path, job_id))
+                rows = asyncio.run(remote.plan(cfg, job, *resolved.remote, config_path, job_id, warn))
             else:
-                rows = asyncio.run(dryrun.dry_run(job))
+                rows = asyncio.run(dryrun.dry_run(job, None, endpoint, warn))
             _render_plan(rows, as_json)
             return
         with ProgressView(err) as progress:

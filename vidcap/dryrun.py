@@ -3,24 +3,49 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from vidcap import windows
 from vidcap.captioner import CaptionJob, hash_payload, local_source
+from vidcap.client import Endpoint, server_info
 from vidcap.config import config_hash
 from vidcap.discovery import Entry
-from vidcap.errors import MediaError
+from vidcap.errors import MediaError, ServerError, ServerUnreachableError
 from vidcap.sources import Source
 from vidcap.store import OutputDir
 
 
-async def dry_run(job: CaptionJob, source: Source | None = None) -> list[dict[str, Any]]:
-    """Probe and plan; uses the configured context length, since the server is not asked. Holds one row
-    per video: a look before a run, not a report over a million videos (use --limit)."""
+async def server_view(
+    job: CaptionJob, endpoint: Endpoint | None, warn: Callable[[str], None] = lambda m: None
+) -> tuple[str, int]:
+    """(model, context length) as a run would see them: the server's when it answers (only GET /models:
+    nothing is sent for captioning), else the configured ones, with a warning. The resume check needs the
+    server's: the config hash covers both, so a guess would call done videos "not done"."""
+    if endpoint is not None:
+        try:
+            info = await server_info(endpoint, timeout=5.0)
+        except (ServerUnreachableError, ServerError) as exc:
+            warn(f"{exc}; planning with the configured model and context length instead")
+        else:
+            model = job.model or (info.models[0] if info.models else "")
+            return model, info.max_model_len or job.max_model_len
+    return job.model or "", job.max_model_len
+
+
+async def dry_run(
+    job: CaptionJob,
+    source: Source | None = None,
+    endpoint: Endpoint | None = None,
+    warn: Callable[[str], None] = lambda m: None,
+) -> list[dict[str, Any]]:
+    """Probe and plan with the server's model and context length (see server_view). Holds one row per
+    video: a look before a run, not a report over a million videos (use --limit)."""
     source = source or local_source(job)
     store = OutputDir(job.out)
-    limit = windows.budget(job.max_model_len, job.prompt, job.sampling.max_tokens)
-    chash = config_hash(hash_payload(job, job.model or "", job.max_model_len))
+    model, max_len = await server_view(job, endpoint, warn)
+    limit = windows.budget(max_len, job.prompt, job.sampling.max_tokens)
+    chash = config_hash(hash_payload(job, model, max_len))
     rows: list[dict[str, Any]] = []
     pending: list[tuple[Entry, asyncio.Future[Any]]] = []
     try:

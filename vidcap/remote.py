@@ -228,6 +228,7 @@ async def plan(
     path: str,
     config_path: Path | None,
     job_id: str | None = None,
+    warn: Callable[[str], None] = lambda m: None,
 ) -> list[dict]:
     async with open_remote(
         cfg,
@@ -237,5 +238,5 @@ async def plan(
         extensions=job.extensions,
         mode=job.media,
         job_id=job_id,
-    ) as (_, source):
-        return await dryrun.dry_run(job, source)
+    ) as (endpoint, source):
+        return await dryrun.dry_run(job, source, endpoint, warn)

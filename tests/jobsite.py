@@ -18,7 +18,7 @@ import pytest
 import videos
 from sshd import SSHServer
 
-from slurm import FINAL_STATES, SlurmCluster, SlurmError
+from slurm import FINAL_STATES, SlurmCluster, SlurmError, kill_local_job
 from vidcap.records import CaptionRecord
 
 REPO = Path(__file__).resolve().parent.parent
@@ -125,8 +125,11 @@ def site(
     finally:
         s.cli("tunnel", "down")
         for job in s.submitted:
-            slurm_cluster.run("scancel", job, check=False)
-        for job in s.submitted:
+            if job.startswith("local-"):
+                kill_local_job(job)
+            else:
+                slurm_cluster.run("scancel", job, check=False)
+        for job in (j for j in s.submitted if not j.startswith("local-")):
             with contextlib.suppress(SlurmError):
                 slurm_cluster.wait_state(job, FINAL_STATES, timeout=30)
 

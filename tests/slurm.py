@@ -139,6 +139,19 @@ def pids_with_env(marker: bytes) -> list[int]:
     return found
 
 
+def kill_local_job(job_id: str, grace: float = 10.0) -> None:
+    """End every process of a local-executor job (the wrapper, the script, its servers in their own
+    process groups): they all carry VIDCAP_LOCAL_JOB_ID in their environment. TERM, then KILL."""
+    marker = f"VIDCAP_LOCAL_JOB_ID={job_id}".encode()
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids_with_env(marker):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and pids_with_env(marker):
+            time.sleep(0.1)
+
+
 def default_munge_works() -> bool:
     """A munged on the standard socket that encodes and decodes (``munge -n | unmunge``)."""
     munge, unmunge = which("munge"), which("unmunge")

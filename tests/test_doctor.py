@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from typing import Any
 import pytest
 from sshd import venv_bin
 
+from slurm import kill_local_job
 from vidcap import __version__, doctor, slurm_parse
 from vidcap.config import parse
 from vidcap.doctor import Check
@@ -293,8 +293,7 @@ def local_job(work: Path, tmp_path: Path) -> Iterator[tuple[Path, str]]:
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
             time.sleep(0.1)
-        if Path(f"/proc/{pid}").exists():
-            os.killpg(pid, signal.SIGKILL)
+        kill_local_job(record["id"])  # whatever the cancel left: the servers run in their own groups
 
 
 def test_a_running_local_job_and_its_server(local_job: tuple[Path, str]) -> None:

@@ -62,6 +62,14 @@ class TunnelError(VidcapError):
     exit_code = 3
 
 
+class SyncError(VidcapError):
+    """rsync could not sync; ``exit_code`` is 1, 2 or 130 (see vidcap/sync.py's module doc)."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 class MediaError(VidcapError):
     """A video that cannot be captioned. ``kind`` is a short stable class for reports."""
 

@@ -53,9 +53,7 @@ class JobRecord:
 
 
 def records_dir() -> Path:
-    path = config.state_dir() / "jobs"
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return path
+    return config.state_dir() / "jobs"
 
 
 def _record_path(job_id: str) -> Path:
@@ -63,6 +61,7 @@ def _record_path(job_id: str) -> Path:
 
 
 def save_record(rec: JobRecord) -> None:
+    records_dir().mkdir(parents=True, exist_ok=True, mode=0o700)  # only a write creates the state dir
     path = _record_path(rec.id)
     atomic_write(path, json.dumps(rec.to_dict(), indent=2) + "\n")
     os.chmod(path, 0o600)
@@ -71,7 +70,7 @@ def save_record(rec: JobRecord) -> None:
 def load_records(profile: str | None = None) -> list[JobRecord]:
     """The jobs vidcap submitted (for ``profile``, or all), oldest first."""
     found = []
-    for path in records_dir().glob("*.json"):
+    for path in records_dir().glob("*.json") if records_dir().is_dir() else []:
         try:
             rec = JobRecord(**json.loads(path.read_text(encoding="utf-8")))
         except (OSError, ValueError, TypeError):

@@ -51,7 +51,7 @@ from pathlib import Path
 
 from vidcap import config
 from vidcap.config import SSHConfig
-from vidcap.errors import ConfigError, HostKeyError, TransportError, UsageError, VidcapError
+from vidcap.errors import ConfigError, HostKeyError, SyncError, TransportError, UsageError, VidcapError
 from vidcap.store import TMP_SUFFIX
 from vidcap.transport import bracket, expand, stderr_tail
 
@@ -80,14 +80,6 @@ _UNREACHABLE = {
     30: "timed out",
     35: "timed out",
 }
-
-
-class SyncError(VidcapError):
-    """rsync could not sync; ``exit_code`` is 1, 2 or 130 (see the module doc)."""
-
-    def __init__(self, message: str, exit_code: int = 1) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 @dataclass

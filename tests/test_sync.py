@@ -418,7 +418,8 @@ def test_exit_codes() -> None:
     assert sync.classify(23, vanished, ssh, "c") is None  # a subdirectory that went away: partial
     escaped = 'rsync: change_dir "/s/\\#303\\#274 c" failed: No such file or directory (2)'
     assert sync.classify(23, escaped, ssh, "/s/ü c") is not None
-    assert isinstance(sync.classify(255, "Host key verification failed.", ssh, "c"), HostKeyError)
+    unknown = sync.classify(255, "Host key verification failed.", ssh, "c")
+    assert isinstance(unknown, HostKeyError) and unknown.reason == "unknown"
     refused = sync.classify(255, "ssh: connect to host login port 22: Connection refused", ssh, "c")
     assert isinstance(refused, TransportError) and refused.exit_code == 3
     for rc in (10, 12, 30, 35):

@@ -294,6 +294,7 @@ def test_changed_host_key_is_refused(sshd_server: SSHServer, backend: str) -> No
     with pytest.raises(HostKeyError, match="CHANGED") as caught:
         connect(cfg)
     message = str(caught.value)
+    assert caught.value.reason == "changed"
     assert str(sshd_server.known_hosts) in message and "line 1" in message
     assert "SHA256:" in message
     assert _accepted(sshd_server) == before  # refused before logging in
@@ -307,6 +308,7 @@ def test_unknown_host_is_refused(sshd_server: SSHServer, backend: str, tmp_path:
     with pytest.raises(HostKeyError, match="not in known_hosts") as caught:
         connect(sshd_server.ssh_config(backend, known_hosts=str(known)))
     assert "SHA256:" in str(caught.value) and "accept_new_host_key" in str(caught.value)
+    assert caught.value.reason == "unknown"
     assert _accepted(sshd_server) == before
     assert known.read_text() == ""
 

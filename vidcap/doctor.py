@@ -413,7 +413,7 @@ def _ssh_row(profile: Profile, name: str) -> tuple[Check, Transport | None]:
     try:
         transport = connect(ssh)
     except HostKeyError as exc:
-        if "CHANGED" in str(exc):
+        if exc.reason == "changed":
             key = shlex.quote(host_key_name(ssh.host or "", ssh.port))
             then = f"remove the old key (ssh-keygen -R {key} -f {shlex.quote(ssh.known_hosts)}) and try again"
         else:

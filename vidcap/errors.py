@@ -49,7 +49,12 @@ class TransportError(VidcapError):
 
 
 class HostKeyError(TransportError):
-    pass
+    """A host key that is not trusted: ``reason`` is "changed" (a different key is on file: refused
+    whatever the settings), "unknown" (no key on file) or "revoked"."""
+
+    def __init__(self, message: str, reason: str = "unknown") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class JobError(VidcapError):

@@ -102,7 +102,9 @@ def check_host_key(path: Path, name: str, key: paramiko.PKey, accept_new: bool) 
     entries = [e for e in read_known_hosts(path) if e.matches(name)]
     blob, fingerprint = key.asbytes(), key.fingerprint
     if any(e.marker == "@revoked" and e.blob == blob for e in entries):
-        raise HostKeyError(f"the host key of {name} ({fingerprint}) is marked @revoked in {path}; refusing")
+        raise HostKeyError(
+            f"the host key of {name} ({fingerprint}) is marked @revoked in {path}; refusing", "revoked"
+        )
     plain = [e for e in entries if e.marker is None]
     if any(e.blob == blob for e in plain):
         return None
@@ -113,7 +115,8 @@ def check_host_key(path: Path, name: str, key: paramiko.PKey, accept_new: bool) 
             f"the host key of {name} has CHANGED: it now offers {key.get_name()} {fingerprint}, but "
             f"{path} line {lines} has a different key. This can be an attack (man in the middle) or a "
             f"reinstalled server: confirm the new fingerprint with the cluster admins, then remove the old "
-            f"line (ssh-keygen -R {shlex.quote(name)} -f {shlex.quote(str(path))}) and connect again"
+            f"line (ssh-keygen -R {shlex.quote(name)} -f {shlex.quote(str(path))}) and connect again",
+            "changed",
         )
     if not accept_new:
         raise HostKeyError(

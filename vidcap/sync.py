@@ -246,7 +246,8 @@ def classify(rc: int, stderr: str, ssh: SSHConfig, source: str) -> VidcapError |
                 else f"{where} (or a jump host) is not in {known_hosts}: verify its fingerprint and add it, "
                 f"e.g. by logging in once with ssh, or set accept_new_host_key = true"
             )
-            + f"; ssh said: {said}"
+            + f"; ssh said: {said}",
+            "changed" if changed else "unknown",
         )
     if missing:
         return SyncError(

@@ -315,7 +315,8 @@ class OpenSSHTransport(Transport):
                 f"the host key of {name} has CHANGED: it now offers {fingerprint}, but {where} has a "
                 f"different key. This can be an attack (man in the middle) or a reinstalled server: confirm "
                 f"the new fingerprint with the cluster admins, then remove the old line (ssh-keygen -R "
-                f"{shlex.quote(name)} -f {shlex.quote(str(self._known_hosts))}) and connect again"
+                f"{shlex.quote(name)} -f {shlex.quote(str(self._known_hosts))}) and connect again",
+                "changed",
             )
         unknown = re.search(r"host key is known for (\S+)", text)
         if unknown or "Host key verification failed" in text:

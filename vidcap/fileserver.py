@@ -44,6 +44,7 @@ from urllib.parse import parse_qs, unquote
 from vidcap import __version__, media
 from vidcap.discovery import Entry, Problem, walk
 from vidcap.errors import MediaError, UsageError
+from vidcap.privatefile import write_private
 
 VIDEO_EXTS = (".mp4", ".mkv", ".mov", ".webm", ".avi", ".m4v", ".mpg", ".mpeg", ".ts")
 LIST_FLUSH_BYTES = 64 * 1024
@@ -411,7 +412,7 @@ def serve(
     """Serve ``root`` until SIGTERM/SIGINT (or shutdown()); the bound port goes to port_file and ready."""
     with FileServer(root, token, host, port, verbose=verbose) as server:
         if port_file is not None:
-            _write_private(Path(port_file), f"{server.port}\n")
+            write_private(Path(port_file), f"{server.port}\n")
         previous: dict[int, Any] = {}
         if threading.current_thread() is threading.main_thread():
 
@@ -428,17 +429,6 @@ def serve(
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-
-
-def _write_private(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def load_or_create_token(token_file: Path | None) -> str:

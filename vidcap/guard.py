@@ -54,7 +54,6 @@ import argparse
 import asyncio
 import contextlib
 import datetime
-import os
 import re
 import signal
 import sys
@@ -62,6 +61,8 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from vidcap.privatefile import write_private
 
 MAX_HEAD = 64 * 1024
 CHUNK = 256 * 1024
@@ -429,17 +430,6 @@ def parse_upstream(text: str) -> Upstream:
     return Upstream(host, int(port))
 
 
-def _write_private(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 async def serve(
     upstream: Upstream,
     *,
@@ -457,7 +447,7 @@ async def serve(
         loop.add_signal_handler(sig, stop.set)
     try:
         if port_file is not None:
-            _write_private(Path(port_file), f"{bound}\n")
+            write_private(Path(port_file), f"{bound}\n")
         guard.log(
             f"listening on {host}:{bound}; passing GET /health, GET /version and /v1/ to {upstream}, "
             "refusing the rest"

@@ -141,9 +141,32 @@ def test_a_killed_shard_is_resubmitted_and_finished_videos_are_not_sent_again(
     # only the victim's shard ran again
     assert {shard_of(os.path.relpath(v, site.videos), 3) for v in after} == {victim}
 
-    # nothing left to resubmit
+    # nothing left to resubmit, or to cancel
     res = site.cli("job", "resubmit", job, "--failed", "--json")
     assert res.returncode == 0 and json.loads(res.stdout)["id"] is None
+    res = site.cli("job", "cancel", job)
+    assert res.returncode == 0 and "nothing left to cancel" in res.stderr
+
+
+def test_cancel_stops_every_shard(site: Site, slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    cluster_captions(site, tmp_path)
+    site.set("server", command=[*STANDIN, "--latency", "2.0"])
+    site.set("caption", concurrency=1)
+    job = site.submit("--caption", str(site.videos), "--shards", "2")
+    deadline = time.monotonic() + 120
+    running: list[dict] = []
+    while time.monotonic() < deadline and len(running) < 2:  # both runs under way (their summaries exist)
+        time.sleep(0.5)
+        shards = json.loads(site.cli("job", "status", job, "--json").stdout)["shards"]
+        running = [s for s in shards if s["counts"] is not None and s["run_finished"] is None]
+    assert len(running) == 2, site.cli("job", "status", job).stdout
+    res = site.cli("job", "cancel", job)
+    assert res.returncode == 0 and f"cancelled job {job}" in res.stderr, res.stderr
+    code, doc = wait_done(site, job, timeout=60)
+    assert code == 3 and doc["failed"] == [0, 1]
+    assert {s["state"] for s in doc["shards"]} == {"CANCELLED"}
+    # each interrupted run wrote its summary on the way out (SIGTERM), counts included
+    assert all(s["run_finished"] and s["counts"] is not None for s in doc["shards"]), doc
 
 
 def test_local_caption_job_ends_when_captioning_ends(

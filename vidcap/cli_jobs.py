@@ -385,15 +385,23 @@ def job_cancel(
     profile: str | None = ProfileOpt,
     config_path: Path | None = ConfigOpt,
 ) -> None:
-    """Cancel the job (scancel); its servers stop and its endpoint and secrets are removed."""
+    """Cancel the job (scancel); its servers stop and its endpoint and secrets are removed. For a
+    captioning job: every shard still queued or running, its resubmits included."""
     try:
         with _executor(config_path, profile, local) as (cfg, name, ex):
             rec = jobs.resolve_record(ex, cfg, name, job_id)
             ep = jobs.endpoint_of(ex, rec.id, cfg.profile(name).paths.work_dir)
-            jobs.cancel(ex, rec)
+            if rec.caption is not None:
+                cancelled = oncluster.cancel_active(ex, rec)
+            else:
+                jobs.cancel(ex, rec)
+                cancelled = [rec.id]
     except VidcapError as exc:
         _fail(exc)
-    err.print(f"cancelled job {rec.id}", highlight=False)
+    if cancelled:
+        err.print(f"cancelled job {', '.join(cancelled)}", highlight=False)
+    else:
+        err.print(f"job {rec.id}: nothing left to cancel (every shard has ended)", highlight=False)
     # A tunnel to the cancelled job's servers would only forward to a closed port.
     state = tunnel.read_state(name)
     if ep is not None and state is not None:

@@ -193,6 +193,16 @@ def resubmit_failed(
     return done, failed
 
 
+def cancel_active(ex: Executor, rec: JobRecord) -> list[str]:
+    """scancel the caption job and its resubmits that are still queued or running; their ids."""
+    recs = chain(root_of(rec))
+    statuses = ex.statuses(recs)  # an array id stands for all its tasks (summed up)
+    active = [r for r in recs if not statuses[r.id].state.finished]
+    for r in active:
+        jobs.cancel(ex, r)
+    return [r.id for r in active]
+
+
 # -- per-shard state -----------------------------------------------------------------------------------
 
 

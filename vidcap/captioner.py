@@ -75,6 +75,7 @@ class CaptionJob:
     decode_workers: int | None = None
     # Seconds between rewrites of the run summary while the run goes on (0: only at start and end).
     progress_interval: float = 10.0
+    lock_wait: float = 0.0  # seconds to wait for the output dir's lock
 
 
 @dataclass(frozen=True)
@@ -488,7 +489,7 @@ async def _run(job: CaptionJob, endpoint: Endpoint, sink: EventSink, source: Sou
         started=_now(),
         vidcap_version=__version__,
     )
-    with store.locked(job.shard):
+    with store.locked(job.shard, job.lock_wait):
         sink(Event("start", message=f"{model} at {endpoint.base_url}, context {max_len}"))
         t0 = time.monotonic()
         # Written at the start (finished null), so that a run shows while it goes on, or if it is killed.

@@ -112,6 +112,9 @@ class CaptionConfig(_Strict):
     max_attempts: int = Field(6, ge=1)
     retry_max_seconds: float = Field(900.0, gt=0, description="Give up retrying one request after this.")
     server_wait: float = Field(900.0, ge=0, description="How long to wait for a server that went away.")
+    lock_wait: float = Field(
+        0.0, ge=0, description="Wait this long for another run to release the output dir (0: fail at once)."
+    )
     progress_interval: float = Field(
         10.0, ge=0, description="Rewrite the run summary this often while a run goes on (0: start and end)."
     )

@@ -60,6 +60,9 @@ def caption_config(cfg: Config, profile: Profile) -> dict[str, Any]:
     cap = profile.caption.model_dump(mode="json")
     cap["out"] = None  # the job passes --out
     cap["media"] = "file"  # the server reads the videos from the shared file system
+    # A resubmitted shard can start while the task it replaces is still ending (Slurm's KillWait): wait
+    # for its lock rather than fail the shard again.
+    cap["lock_wait"] = max(cap["lock_wait"], 120.0)
     if cap["audio"] == "auto" and not jobs.choose_preset(cfg, profile).audio:
         cap["audio"] = "off"  # as options.resolve does on the laptop: the same config hash either way
     return {"default_profile": "job", "profiles": {"job": {"caption": cap}}}

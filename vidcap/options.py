@@ -139,6 +139,7 @@ def resolve(cfg: Config, s: Settings) -> Resolved:
         retry_max_seconds=cap.retry_max_seconds,
         server_wait=cap.server_wait,
         progress_interval=cap.progress_interval,
+        lock_wait=cap.lock_wait,
         # Set by the job script around an on-cluster run: the run summary is then named after the job
         # (task), which is how `vidcap job status` finds each shard's progress.
         job_id=(os.environ.get(JOB_KEY_ENV) or None) if remote is None else None,

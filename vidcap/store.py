@@ -103,13 +103,34 @@ class OutputDir:
         return self.root / (rel + ".json")
 
     @contextlib.contextmanager
-    def locked(self, shard: tuple[int, int] | None = None) -> Iterator[None]:
+    def locked(self, shard: tuple[int, int] | None = None, wait: float = 0.0) -> Iterator[None]:
         """Hold the output dir for one run: the whole of it (``shard`` None), or shard i/N of it beside
-        the other shards of the same N. Raises OutputLockedError, naming the run in the way, otherwise."""
+        the other shards of the same N. Raises OutputLockedError, naming the run in the way, otherwise,
+        after trying for ``wait`` seconds (a resubmitted shard may start while the run it replaces is
+        still writing its summary on the way out)."""
         try:
             self.runs_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise UsageError(f"cannot create output directory {self.root}: {exc.strerror}") from exc
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fds = self._take(shard)
+                break
+            except OutputLockedError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+        self._lock_fds, self.shard = fds, shard
+        try:
+            yield
+        finally:
+            self._lock_fds, self.shard = [], None
+            # Closing releases the flocks; the files stay (removing one would race a run about to lock it).
+            for fd in reversed(fds):
+                os.close(fd)
+
+    def _take(self, shard: tuple[int, int] | None) -> list[int]:
         fds: list[int] = []
         try:
             if shard is None:
@@ -120,14 +141,7 @@ class OutputDir:
             for fd in fds:
                 os.close(fd)
             raise
-        self._lock_fds, self.shard = fds, shard
-        try:
-            yield
-        finally:
-            self._lock_fds, self.shard = [], None
-            # Closing releases the flocks; the files stay (removing one would race a run about to lock it).
-            for fd in reversed(fds):
-                os.close(fd)
+        return fds
 
     def _open(self, name: str, fds: list[int]) -> int:
         fd = os.open(self.meta / name, os.O_RDWR | os.O_CREAT, 0o600)

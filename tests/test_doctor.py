@@ -54,9 +54,11 @@ def write_config(path: Path, profiles: dict[str, dict[str, dict[str, Any]]], def
 
 def cluster_profile(sshd: Any, work: Path, **job: Any) -> dict[str, dict[str, Any]]:
     ssh = sshd.ssh_config().model_dump()
+    videos = work.parent / "videos"
+    videos.mkdir(parents=True, exist_ok=True)
     return {
         "ssh": ssh,
-        "paths": {"work_dir": str(work)},
+        "paths": {"work_dir": str(work), "videos_dir": str(videos), "captions_dir": str(work / "captions")},
         "job": {"partition": "debug", "gres": "gpu:h100:1", "setup": SETUP, **job},
     }
 
@@ -93,6 +95,7 @@ def test_a_good_cluster_profile_through_the_cli(slurm_sshd: Any, work: Path, tmp
         "ssh": "ok",
         "vidcap": "ok",
         "vllm": "fail",
+        "paths": "ok",
         "partition": "ok",
         "gpu": "warn",
         "jobs": "warn",
@@ -429,3 +432,15 @@ def test_a_cluster_vidcap_without_the_guard_is_named_too_old() -> None:
     good = [line.replace("guard 1 ", "guard 0 /opt/old/bin/vidcap-guard") for line in lines]
     rows = doctor.environment_rows(profile, "p", "\n".join(good).encode(), b"", 0, "on the login node")
     assert next(r for r in rows if r.name == "vidcap").status == "ok"
+
+
+def test_the_paths_row_names_a_missing_videos_dir(tmp_path: Path) -> None:
+    videos = tmp_path / "videos"
+    paths = {"videos_dir": str(videos), "captions_dir": str(tmp_path / "new" / "captions")}
+    profile = parse({"profiles": {"p": {"paths": {**paths, "work_dir": str(tmp_path / "w")}}}}).profile("p")
+    row = doctor._paths_row(profile, "p", "on this machine", None)
+    assert row.status == "fail" and str(videos) in row.detail and "paths.videos_dir" in (row.fix or "")
+    videos.mkdir()
+    row = doctor._paths_row(profile, "p", "on this machine", None)
+    assert row.status == "ok" and "captions_dir" in row.detail  # not there yet, but creatable
+    assert not (tmp_path / "new").exists()  # the check creates nothing

@@ -1,6 +1,6 @@
 """`vidcap doctor`: check both ends a caption run needs, one row per thing, each failing row with its fix.
 
-Rows, in order: config, ssh, vidcap, vllm, partition, gpu, jobs, tunnel, server. Each check is guarded, so
+Rows, in order: config, ssh, vidcap, vllm, paths, partition, gpu, jobs, tunnel, server. Each check is guarded, so
 one that fails (or crashes) never stops the rest; a row that needs what an earlier one could not give is
 "skip" and says why ("no SSH"). A profile without ssh.host is the local executor: the environment is
 checked on this machine, ``nvidia-smi`` stands in for sinfo, and the Slurm-only rows are skipped.
@@ -31,7 +31,7 @@ from vidcap.slurm_parse import SINFO_FORMAT, Gres, NodeGroup, offers, parse_gres
 from vidcap.transport import Transport, connect, host_key_name
 
 Status = Literal["ok", "warn", "fail", "skip"]
-ROWS = ("config", "ssh", "vidcap", "vllm", "partition", "gpu", "jobs", "tunnel", "server")
+ROWS = ("config", "ssh", "vidcap", "vllm", "paths", "partition", "gpu", "jobs", "tunnel", "server")
 PROBE_TIMEOUT = 180.0  # `import vllm` loads torch: tens of seconds from a cold shared filesystem
 SLURM_TIMEOUT = 60.0
 _MARK = "@@vidcap-doctor@@"
@@ -394,12 +394,13 @@ def _cluster_rows(report: _Report, cfg: Config, profile: Profile, name: str) -> 
     check, transport = _ssh_row(profile, name)
     report.add(check)
     if transport is None:
-        report.skip(["vidcap", "vllm", "partition", "gpu", "jobs"], "no SSH")
+        report.skip(["vidcap", "vllm", "paths", "partition", "gpu", "jobs"], "no SSH")
         report.guard(["tunnel"], lambda: _tunnel_row(name, None))
         report.skip(["server"], "no SSH")
         return
     try:
         report.guard(["vidcap", "vllm"], lambda: _cluster_environment(transport, profile, name))
+        report.guard(["paths"], lambda: _paths_row(profile, name, _LOGIN_NODE, transport))
         report.guard(["partition", "gpu"], lambda: _slurm_rows(transport, profile, name))
         _jobs_tunnel_server(report, SlurmExecutor(transport), cfg, profile, name)
     finally:
@@ -437,6 +438,63 @@ def _cluster_environment(transport: Transport, profile: Profile, name: str) -> l
     script = probe_script(profile).encode()
     done = transport.run(["bash", "-c", _RUN_STDIN], input=script, timeout=PROBE_TIMEOUT, check=False)
     return environment_rows(profile, name, done.stdout, done.stderr, done.returncode, _LOGIN_NODE)
+
+
+# From the home directory, as the job and the remote commands see relative paths. Creates nothing: a
+# directory that does not exist yet is fine when its nearest existing parent is writable.
+_PATHS_SCRIPT = r"""
+cd || exit 90
+writable() {
+    p=$1
+    while [ ! -e "$p" ]; do p=$(dirname -- "$p"); done
+    [ -d "$p" ] && [ -w "$p" ] && [ -x "$p" ]
+}
+if [ -d "$1" ] && [ -r "$1" ] && [ -x "$1" ]; then echo "videos ok"; else echo "videos bad"; fi
+if writable "$2"; then echo "captions ok"; else echo "captions bad"; fi
+if writable "$3"; then echo "work ok"; else echo "work bad"; fi
+"""
+
+
+def _paths_row(profile: Profile, name: str, where: str, transport: Transport | None) -> Check:
+    """videos_dir readable, captions_dir and work_dir writable (or creatable): on-cluster captioning
+    writes to captions_dir, every job to work_dir."""
+    paths = profile.paths
+    try:
+        args = [
+            jobscript.home_relative(paths.videos_dir, "paths.videos_dir"),
+            jobscript.home_relative(paths.captions_dir, "paths.captions_dir"),
+            jobscript.home_relative(paths.work_dir, "paths.work_dir"),
+        ]
+    except ValueError as exc:
+        return _fail("paths", str(exc), f"fix [profiles.{name}.paths]")
+    argv = ["sh", "-c", _PATHS_SCRIPT, "sh", *args]
+    if transport is not None:
+        done = transport.run(argv, timeout=SLURM_TIMEOUT, check=False)
+        out, rc = done.stdout.decode(errors="replace"), done.returncode
+    else:
+        local = subprocess.run(argv, capture_output=True, timeout=SLURM_TIMEOUT, cwd=Path.home())
+        out, rc = local.stdout.decode(errors="replace"), local.returncode
+    found = dict(line.split(" ", 1) for line in out.splitlines() if " " in line)
+    if rc != 0 or len(found) != 3:
+        return _fail("paths", f"could not check the paths ({where}, exit {rc})", "check paths.* by hand")
+    section = f"[profiles.{name}.paths]"
+    if found["videos"] != "ok":
+        return _fail(
+            "paths",
+            f"videos_dir {paths.videos_dir!r} is not a readable directory ({where})",
+            f"set paths.videos_dir in {section} to the directory of your videos (absolute, or relative to "
+            "the cluster home); the model server reads videos only under it",
+        )
+    bad = [key for key in ("captions", "work") if found[key] != "ok"]
+    if bad:
+        names = " and ".join(f"paths.{k}_dir {getattr(paths, k + '_dir')!r}" for k in bad)
+        fix = f"point them at your own space in {section}"
+        return _fail("paths", f"{names}: not writable ({where})", fix)
+    return _ok(
+        "paths",
+        f"videos_dir {paths.videos_dir}, captions_dir {paths.captions_dir}, work_dir {paths.work_dir} "
+        f"usable ({where})",
+    )
 
 
 class _NoSinfo(Exception):
@@ -531,6 +589,7 @@ def _local_rows(report: _Report, cfg: Config, profile: Profile, name: str) -> No
 
     report.add(Check("ssh", "skip", "local executor (no ssh.host)"))
     report.guard(["vidcap", "vllm"], lambda: _local_environment(profile, name))
+    report.guard(["paths"], lambda: _paths_row(profile, name, _THIS_MACHINE, None))
     report.add(Check("partition", "skip", "local executor: no Slurm"))
     report.guard(["gpu"], lambda: _nvidia_smi(name))
     _jobs_tunnel_server(report, LocalExecutor(), cfg, profile, name)

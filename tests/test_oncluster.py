@@ -42,6 +42,8 @@ def test_sharded_caption_job_then_sync_brings_identical_records_home(site: Site,
     out = cluster_captions(site, tmp_path)
     job = site.submit("--caption", f"cluster:{site.videos}", "--shards", "3")
     assert job.isdigit()
+    res = site.cli("job", "wait", job, "--timeout", "5")
+    assert res.returncode == 2 and f"vidcap job wait {job} --done" in res.stderr
 
     code, doc = wait_done(site, job)
     assert code == 1, doc  # every shard finished; the corpus's bad files failed (exit 1, not 3)

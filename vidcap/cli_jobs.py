@@ -189,6 +189,11 @@ def job_wait(
     try:
         with _executor(config_path, profile, local) as (cfg, name, ex):
             rec = jobs.resolve_record(ex, cfg, name, job_id)
+            if (rec.shards or 1) > 1:  # the tasks of an array each have their own server and endpoint
+                raise UsageError(
+                    f"job {rec.id} is an array: 'vidcap job wait {rec.id} --done' waits for it to end, "
+                    f"'vidcap job wait {rec.task_id((rec.tasks or [0])[0])}' for one task's server"
+                )
             work_dir = cfg.profile(name).paths.work_dir
             with (
                 err.status(f"job {rec.id}: checking") if err.is_terminal else contextlib.nullcontext() as spin

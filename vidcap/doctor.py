@@ -1,9 +1,10 @@
 """`vidcap doctor`: check both ends a caption run needs, one row per thing, each failing row with its fix.
 
-Rows, in order: config, ssh, vidcap, vllm, paths, partition, gpu, jobs, tunnel, server. Each check is guarded, so
-one that fails (or crashes) never stops the rest; a row that needs what an earlier one could not give is
-"skip" and says why ("no SSH"). A profile without ssh.host is the local executor: the environment is
-checked on this machine, ``nvidia-smi`` stands in for sinfo, and the Slurm-only rows are skipped.
+Rows, in order: config, ssh, vidcap, vllm, paths, partition, gpu, jobs, tunnel, server. Each check is
+guarded, so one that fails (or crashes) never stops the rest; a row that needs what an earlier one could
+not give is "skip" and says why ("no SSH"). A profile without ssh.host is the local executor: the
+environment is checked on this machine, ``nvidia-smi`` stands in for sinfo, and the Slurm-only rows are
+skipped.
 
 The vidcap and vllm rows run the profile's job.setup lines and job.env as the job script does (``set -e``,
 then ``set +u``) and look for what the job needs after them. On a cluster that happens on the login node,

@@ -17,7 +17,8 @@ from vidcap.errors import UsageError, VidcapError
 from vidcap.slurm_parse import JobStatus
 
 job_app = typer.Typer(
-    help="Run the model server as a Slurm job (or a local process): submit, wait, status, logs, cancel.",
+    help="Run the model server as a Slurm job (or a local process), or a captioning job next to it: submit, "
+    "wait, status, logs, cancel, resubmit.",
     no_args_is_help=True,
 )
 
@@ -326,9 +327,13 @@ def job_resubmit(
     profile: str | None = ProfileOpt,
     config_path: Path | None = ConfigOpt,
 ) -> None:
-    """Submit again the shards of a captioning job that ended other than COMPLETED (failed, cancelled,
-    timed out, preempted). Same settings as the first submission; each shard resumes from its records.
-    Running and pending shards are left alone; nothing failed -> nothing submitted (exit 0)."""
+    """Submit again the shards of a captioning job that did not finish.
+
+    A shard failed when its last task ended other than COMPLETED (failed, cancelled, timed out,
+    preempted) before its run went through its videos. Same settings as the first submission; each shard
+    resumes from its records. Running and pending shards are left alone; nothing failed -> nothing
+    submitted (exit 0).
+    """
     if not failed:
         _fail(UsageError("say which shards: --failed (the ones whose last task did not complete)"))
     try:
@@ -390,8 +395,10 @@ def job_cancel(
     profile: str | None = ProfileOpt,
     config_path: Path | None = ConfigOpt,
 ) -> None:
-    """Cancel the job (scancel); its servers stop and its endpoint and secrets are removed. For a
-    captioning job: every shard still queued or running, its resubmits included."""
+    """Cancel the job (scancel); its servers stop and its endpoint and secrets are removed.
+
+    For a captioning job: every shard still queued or running, its resubmits included.
+    """
     try:
         with _executor(config_path, profile, local) as (cfg, name, ex):
             rec = jobs.resolve_record(ex, cfg, name, job_id)

@@ -20,6 +20,7 @@ from slurm import SlurmCluster
 from vidcap import config, oncluster
 from vidcap.discovery import shard_of
 from vidcap.errors import UsageError
+from vidcap.slurm_parse import JobState, JobStatus
 
 pytestmark = pytest.mark.timeout(420)
 
@@ -237,6 +238,19 @@ def test_caption_path_and_out_dir() -> None:
     with pytest.raises(UsageError, match=r"profile 'd'"):
         oncluster.caption_path(cfg, "c", "d:/x")
     assert oncluster.cluster_out_dir(cfg, cfg.profile("c")) == "vidcap/captions/qwen3-omni"
+    with pytest.raises(UsageError, match="needs a directory"):
+        oncluster.caption_path(cfg, "c", "c:")
+
+
+def test_a_task_slurm_forgot_ends_as_its_run_summary_says() -> None:
+    unknown = JobStatus("5_1", JobState.UNKNOWN, reason="neither squeue nor sacct knows this job")
+    done = oncluster._known(unknown, {"finished": "2026-11-24T10:00:00", "exit_code": 1})
+    assert done.state is JobState.COMPLETED
+    killed = oncluster._known(unknown, {"finished": "2026-11-24T10:00:00", "exit_code": 130})
+    assert killed.state is JobState.FAILED
+    assert oncluster._known(unknown, {"finished": None}).state is JobState.UNKNOWN
+    running = JobStatus("5_1", JobState.RUNNING)
+    assert oncluster._known(running, {"finished": "x", "exit_code": 0}) is running
 
 
 def test_json_documents_survive_a_damaged_file() -> None:

@@ -49,6 +49,8 @@ def caption_path(cfg: Config, profile_name: str, text: str) -> str:
         if head != profile_name:
             raise UsageError(f"--caption names profile {head!r} but the job is for profile {profile_name!r}")
         text = tail
+    if not text.strip():
+        raise UsageError("--caption needs a directory (PATH or PROFILE:PATH)")
     try:
         return jobscript.home_relative(text.rstrip("/") or "/", "--caption")
     except ValueError as exc:
@@ -289,9 +291,19 @@ def shard_states(ex: Executor, rec: JobRecord) -> list[ShardState]:
     statuses = ex.statuses(pseudo)
     runs = _runs(ex, root, list(tasks.values()))
     return [
-        ShardState(shard, shards, task, statuses[task], runs.get(task))
+        ShardState(shard, shards, task, _known(statuses[task], runs.get(task)), runs.get(task))
         for shard, task in sorted(tasks.items())
     ]
+
+
+def _known(status: JobStatus, run: dict[str, Any] | None) -> JobStatus:
+    """A task Slurm no longer knows (left squeue, and no accounting: sacct off) ended the way its run
+    summary says, when that summary is final."""
+    if status.state is not JobState.UNKNOWN or not run or not run.get("finished"):
+        return status
+    ok = run.get("exit_code") in (0, 1)
+    why = f"run exit code {run.get('exit_code')}; Slurm no longer knows the job"
+    return JobStatus(status.job_id, JobState.COMPLETED if ok else JobState.FAILED, reason=why)
 
 
 def _runs(ex: Executor, root: JobRecord, task_ids: list[str]) -> dict[str, dict[str, Any]]:

@@ -31,6 +31,7 @@ from vidcap import __version__, fileserver, media
 from vidcap.discovery import Entry, Problem, walk
 from vidcap.errors import MediaError, ServerError, ServerUnreachableError
 from vidcap.filesclient import FilesClient, node_url
+from vidcap.sources import RemoteSource
 
 TOKEN = "tok-" + "x7Q_" * 8
 EXTS = (".mp4", ".mkv", ".mov")
@@ -558,3 +559,44 @@ def test_serve_writes_the_port_and_stops_on_sigterm(tmp_path: Path, corpus: vide
             proc.wait()
     assert proc.returncode == 0, err
     assert token.encode() not in out + err
+
+
+def test_count_matches_what_the_listing_gives(running: Running, corpus: videos.Corpus) -> None:
+    """The progress bar's early total for a cluster source: counted next to the files, per shard."""
+
+    async def go() -> tuple[list[int | None], int | None, int]:
+        async with running.client() as client:
+            listed = [
+                i
+                async for i in client.list("", EXTS)
+                if isinstance(i, Entry) or i.video  # type: ignore[union-attr]
+            ]
+            shards = [await client.count("", EXTS, (i, 3)) for i in range(3)]
+            whole = await client.count("", EXTS, None)
+            return shards, whole, len(listed)
+
+    shards, whole, listed = asyncio.run(go())
+    assert whole == listed and sum(s or 0 for s in shards) == listed
+
+    async def through_the_source() -> int | None:  # what a cluster run's progress bar gets
+        client = running.client()
+        source = RemoteSource(
+            client,
+            label="c:x",
+            root=str(running.root),
+            subdir="one",
+            node_files_port=0,
+            token=TOKEN,
+            extensions=tuple(EXTS),
+        )
+        try:
+            return await source.count((0, 1))
+        finally:
+            await source.close()
+
+    one = [p for p in corpus.good + corpus.bad if p.parts[0] == "one"]
+    assert asyncio.run(through_the_source()) == len(one)
+    assert all(s is not None for s in shards)
+    assert raw(running, f"/t/{TOKEN}/count/?shard=3/3")[0] == 400
+    assert raw(running, f"/t/{TOKEN}/count/no-such-dir")[0] == 404
+    assert raw(running, "/t/wrong-token-0123456789/count/")[0] == 404

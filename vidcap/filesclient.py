@@ -112,6 +112,23 @@ class FilesClient:
         self._root = str(body["root"])
         return body
 
+    async def count(self, subdir: str, exts: Iterable[str], shard: tuple[int, int] | None) -> int | None:
+        """How many videos a listing of ``subdir`` would give (in ``shard``); None when the server cannot
+        say (an older file server has no count route)."""
+        query: dict[str, Any] = {"ext": ",".join(exts)}
+        if shard is not None:
+            query["shard"] = f"{shard[0]}/{shard[1]}"
+        try:
+            resp = await self._http.get(
+                self.url("count", subdir.strip("/"), **query), timeout=self._list_timeout
+            )
+        except httpx.TransportError as exc:
+            raise self._unreachable("count", exc) from exc
+        body = _json_or_none(resp)
+        if resp.status_code != 200 or not body or not isinstance(body.get("count"), int):
+            return None
+        return int(body["count"])
+
     async def list(self, subdir: str, exts: Iterable[str]) -> AsyncIterator[Entry | Problem]:
         """The videos under ``subdir`` in walk order. Entry.rel is relative to subdir; Entry.path is the
         absolute path on the server's host. ServerError when the listing ends before its end line."""

@@ -5,6 +5,9 @@ Every URL is ``/t/<TOKEN>/<route>/<path>``; ``<path>`` is percent-encoded once, 
     GET  health                        {"ok": true, "root": <real path of the root>, "version": ...}
     GET  list/<subdir>?ext=.mp4,.mkv   chunked NDJSON, one line per discovery.walk item, relative to
                                        <subdir>; the last line {"end": true, "count": N} marks it complete
+    GET  count/<subdir>?ext=&shard=i/N {"count": N}: what a listing would give as videos (entries, and
+                                       problems with a video extension), in shard i/N when given; so the
+                                       laptop's progress bar gets a total without a second listing
     GET  probe/<path>?audio=1          media.probe as JSON (cached); 422 {"error", "message"}
     GET  f/<path>                      the bytes (HEAD too), one Range: 206, or 416 when unsatisfiable
     GET  audio/<path>?start=&end=      16 kHz mono 16-bit WAV of the span; 404 {"error": "no_audio"}
@@ -42,7 +45,7 @@ from typing import Any
 from urllib.parse import parse_qs, unquote
 
 from vidcap import __version__, media
-from vidcap.discovery import Entry, Problem, walk
+from vidcap.discovery import Entry, Problem, parse_shard, shard_of, walk
 from vidcap.errors import MediaError, UsageError
 from vidcap.privatefile import write_private
 
@@ -280,12 +283,28 @@ class _Handler(BaseHTTPRequestHandler):
             raise _NotFound
         self._json(200, {"ok": True, "root": self.server.root, "version": __version__})
 
-    def listing(self, rel: str, query: dict[str, list[str]]) -> None:
+    def _walk_query(self, rel: str, query: dict[str, list[str]]) -> tuple[str, tuple[str, ...]]:
         real = self.server.resolve(rel)
         if not os.path.isdir(real):
             raise _NotFound
         given = [e.strip().lower() for v in query.get("ext", []) for e in v.split(",") if e.strip()]
-        exts = tuple(e if e.startswith(".") else "." + e for e in given) or VIDEO_EXTS
+        return real, tuple(e if e.startswith(".") else "." + e for e in given) or VIDEO_EXTS
+
+    def count(self, rel: str, query: dict[str, list[str]]) -> None:
+        real, exts = self._walk_query(rel, query)
+        try:
+            shard = parse_shard(query.get("shard", [None])[0])
+        except ValueError as exc:
+            raise _BadRequest(str(exc)) from None
+        n = 0
+        for item in self._checked(walk(Path(real), exts)):  # as the listing: links out of the root
+            video = isinstance(item, Entry) or item.video
+            if video and (shard is None or shard_of(item.rel, shard[1]) == shard[0]):
+                n += 1
+        self._json(200, {"count": n})
+
+    def listing(self, rel: str, query: dict[str, list[str]]) -> None:
+        real, exts = self._walk_query(rel, query)
         self._start(200, {"Content-Type": "application/x-ndjson", "Transfer-Encoding": "chunked"})
         if self._head:
             return
@@ -392,6 +411,7 @@ class _Handler(BaseHTTPRequestHandler):
 _ROUTES: dict[str, Callable[[_Handler, str, dict[str, list[str]]], None]] = {
     "health": _Handler.health,
     "list": _Handler.listing,
+    "count": _Handler.count,
     "probe": _Handler.probe,
     "f": _Handler.raw_file,
     "audio": _Handler.audio,

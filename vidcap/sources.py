@@ -208,7 +208,12 @@ class RemoteSource:
             yield batch
 
     async def count(self, shard: tuple[int, int] | None) -> int | None:
-        return None  # a second listing over the link costs more than an early total is worth
+        """Counted by the file server next to the files (one number over the link): a total for the
+        progress bar early on. None when it cannot say; the run does not depend on it."""
+        try:
+            return await self.client.count(self.subdir, self.extensions, shard)
+        except (ServerUnreachableError, ServerError):
+            return None
 
     async def probe(self, entry: Entry, audio: bool) -> media.Probe:
         return await self._call(self.client.probe, self._path(entry.rel), audio)

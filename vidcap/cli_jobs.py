@@ -77,6 +77,13 @@ def job_submit(
     keep_server: bool = typer.Option(
         False, "--keep-server", help="With --caption: keep serving after captioning (until --time or cancel)."
     ),
+    replicas: int = typer.Option(
+        1,
+        "--replicas",
+        min=1,
+        help="A Slurm array of N servers of the model: 'vidcap caption PROFILE:PATH' spreads its requests "
+        "over every ready one.",
+    ),
     as_json: bool = JsonOpt,
     profile: str | None = ProfileOpt,
     config_path: Path | None = ConfigOpt,
@@ -90,6 +97,8 @@ def job_submit(
     try:
         if caption is None and (shards > 1 or keep_server):
             raise UsageError("--shards and --keep-server go with --caption PATH")
+        if caption is not None and replicas > 1:
+            raise UsageError("--replicas serves the laptop's runs; a captioning job scales with --shards")
         with _executor(config_path, profile, local) as (cfg, name, ex):
             if caption is not None:
                 done = oncluster.submit(
@@ -103,6 +112,10 @@ def job_submit(
                     partition=partition,
                 )
                 wait = False  # a captioning job is followed with job status / job wait --done
+            elif replicas > 1:
+                done = jobs.submit_replicas(
+                    ex, cfg, name, replicas, time_limit=time_limit, partition=partition
+                )
             else:
                 done = jobs.submit(ex, cfg, name, new=new, time_limit=time_limit, partition=partition)
             rec = done.record
@@ -119,13 +132,15 @@ def job_submit(
                     highlight=False,
                 )
             if wait and done.reused is None:
-                ep = jobs.wait_ready(
+                eps = jobs.wait_all_ready(
                     ex, rec, cfg.profile(name).paths.work_dir, timeout=timeout, **_reporter()
                 )
-                result["endpoint"] = ep.to_dict()
-                _ready_note(ep, ex.kind)
+                result["endpoint"] = eps[0].to_dict()
+                if len(eps) > 1:
+                    result["endpoints"] = [ep.to_dict() for ep in eps]
+                _ready_note(eps, ex.kind)
             elif rec.caption is not None:
-                what = f"{rec.shards} shards of " if (rec.shards or 1) > 1 else ""
+                what = f"{rec.shards} shards of " if rec.array_size > 1 else ""
                 err.print(
                     f"captioning {what}{rec.caption['path']} into {rec.caption['out']} on the cluster; "
                     f"next: vidcap job status {rec.id}, vidcap job wait {rec.id} --done, vidcap sync",
@@ -153,16 +168,18 @@ def _reporter() -> dict:
     return {"on_progress": report}
 
 
-def _ready_note(ep: jobs.JobEndpoint, kind: str) -> None:
+def _ready_note(eps: list[jobs.JobEndpoint], kind: str) -> None:
     if kind == "local":
         following = "vidcap caption DIR (it finds this job's port and key by itself)"
     else:
         following = "vidcap tunnel up, or vidcap caption PROFILE:PATH"
-    err.print(
-        f"ready: {ep.model} on {ep.node} (vLLM port {ep.vllm_port}, files port {ep.files_port}); "
-        f"next: {following}",
-        highlight=False,
-    )
+    for ep in eps:
+        err.print(
+            f"ready: {ep.model} on {ep.node} (job {ep.job_id}, vLLM port {ep.vllm_port}, files port "
+            f"{ep.files_port})",
+            highlight=False,
+        )
+    err.print(f"next: {following}", highlight=False)
 
 
 @job_app.command("wait")
@@ -190,7 +207,7 @@ def job_wait(
     try:
         with _executor(config_path, profile, local) as (cfg, name, ex):
             rec = jobs.resolve_record(ex, cfg, name, job_id)
-            if (rec.shards or 1) > 1:  # the tasks of an array each have their own server and endpoint
+            if rec.caption is not None and rec.array_size > 1:  # shards end by themselves: wait for that
                 raise UsageError(
                     f"job {rec.id} is an array: 'vidcap job wait {rec.id} --done' waits for it to end, "
                     f"'vidcap job wait {rec.task_id((rec.tasks or [0])[0])}' for one task's server"
@@ -203,17 +220,17 @@ def job_wait(
 
                 def show(p: jobs.Progress) -> None:
                     if spin is not None:
-                        spin.update(f"job {rec.id}: {p.phase}")
+                        spin.update(f"job {p.status.job_id}: {p.phase}")
                     else:
                         report(p)
 
-                ep = jobs.wait_ready(ex, rec, work_dir, timeout=timeout, poll=poll, on_progress=show)
+                eps = jobs.wait_all_ready(ex, rec, work_dir, timeout=timeout, poll=poll, on_progress=show)
     except VidcapError as exc:
         _fail(exc)
-    if as_json:
-        print(json.dumps(ep.to_dict(), indent=2))
+    if as_json:  # one endpoint as before; an array of replicas: the list
+        print(json.dumps(eps[0].to_dict() if len(eps) == 1 else [ep.to_dict() for ep in eps], indent=2))
     else:
-        _ready_note(ep, ex.kind)
+        _ready_note(eps, ex.kind)
 
 
 def _wait_done(
@@ -268,8 +285,21 @@ def job_status(
             else:
                 status = jobs.status_of(ex, rec)
                 row = _status_dict(rec, status)
-                ep = jobs.endpoint_of(ex, rec.id, cfg.profile(name).paths.work_dir)
+                work_dir = cfg.profile(name).paths.work_dir
+                ep = jobs.endpoint_of(ex, rec.id, work_dir)
                 row["endpoint"] = ep.to_dict() if ep is not None else None
+                if rec.array_size > 1:  # replicas: each task's own state and endpoint
+                    tasks = [jobs.task_record(rec, rec.task_id(i)) for i in rec.tasks or []]
+                    by_id = ex.statuses(tasks)
+                    row["tasks"] = []
+                    for task in tasks:
+                        task_ep = jobs.endpoint_of(ex, task.id, work_dir)
+                        row["tasks"].append(
+                            {
+                                **_status_dict(task, by_id[task.id]),
+                                "endpoint": task_ep.to_dict() if task_ep else None,
+                            }
+                        )
     except VidcapError as exc:
         _fail(exc)
     if rec.caption is not None:
@@ -279,6 +309,10 @@ def job_status(
         print(json.dumps(row, indent=2))
         return
     out.print(f"job {rec.id}: {status.describe()}", highlight=False)
+    for task_row in row.get("tasks", []):
+        task_end = task_row["endpoint"]
+        where = f", vLLM port {task_end['vllm_port']} on {task_end['node']}" if task_end else ""
+        out.print(f"  {task_row['id']}: {task_row['describe']}{where}", highlight=False)
     if ep is not None:
         out.print(
             f"  endpoint: {ep.model} on {ep.node}, vLLM port {ep.vllm_port}, files port {ep.files_port}"
@@ -376,7 +410,7 @@ def job_logs(
     try:
         with _executor(config_path, profile, local) as (cfg, name, ex):
             rec = jobs.resolve_record(ex, cfg, name, job_id)
-            if (rec.shards or 1) > 1:
+            if rec.array_size > 1:
                 raise UsageError(
                     f"job {rec.id} is an array of {rec.shards} tasks, each with its own log: "
                     f"name one, e.g. 'vidcap job logs {rec.task_id((rec.tasks or [0])[0])}'"

@@ -252,6 +252,51 @@ def submit(
     return Submitted(rec)
 
 
+def submit_replicas(
+    ex: Executor,
+    cfg: Config,
+    profile_name: str,
+    replicas: int,
+    *,
+    time_limit: str | None = None,
+    partition: str | None = None,
+) -> Submitted:
+    """A Slurm array of ``replicas`` server jobs of the profile's model: `vidcap caption PROFILE:PATH`
+    and `tunnel up` use every ready one, each request going to the least busy."""
+    if ex.kind != "slurm":
+        raise UsageError("--replicas needs Slurm (an array job); the local executor runs one server")
+    return submit(
+        ex,
+        cfg,
+        profile_name,
+        new=True,
+        time_limit=time_limit,
+        partition=partition,
+        array=f"0-{replicas - 1}",
+        extra={"replicas": replicas, "tasks": list(range(replicas))},
+    )
+
+
+def wait_all_ready(
+    ex: Executor,
+    rec: JobRecord,
+    work_dir: str,
+    *,
+    timeout: float,
+    poll: float = 2.0,
+    on_progress: Callable[[Progress], None] = lambda p: None,
+) -> list[JobEndpoint]:
+    """``wait_ready`` for every task of an array of replicas (one deadline for all); for a plain job,
+    its one endpoint."""
+    deadline = time.monotonic() + timeout
+    found = []
+    for index in rec.tasks if rec.tasks is not None else range(rec.array_size):
+        task = task_record(rec, rec.task_id(index))
+        left = max(0.0, deadline - time.monotonic())
+        found.append(wait_ready(ex, task, work_dir, timeout=left, poll=poll, on_progress=on_progress))
+    return found
+
+
 def _ends_by_itself(job_id: str) -> bool:
     """A captioning job (or task of one) ends when its captions are done: not a server to reuse."""
     rec = find_record(job_id.partition("_")[0])
@@ -324,6 +369,35 @@ def task_record(rec: JobRecord, task_id: str) -> JobRecord:
         job_dir=posixpath.join(jobs_dir, task_id),
         log=posixpath.join(jobs_dir, f"{task_id}.log"),
     )
+
+
+def discover_replicas(
+    ex: Executor, profile: Profile, job_id: str | None = None, model: str | None = None
+) -> list[JobEndpoint]:
+    """The servers a laptop run uses: job ``job_id`` (every ready task when it names an array of
+    replicas), else the profile's newest running server job, with its sibling tasks when it is one task
+    of an array. Captioning jobs are left out: they end by themselves."""
+    work = profile.paths.work_dir
+    if job_id is not None and "_" not in job_id:
+        tasks = [i for i in ex.running_ids() if i.partition("_")[0] == job_id and "_" in i]
+        found = [ep for ep in (endpoint_of(ex, i, work) for i in tasks) if ep is not None]
+        if found:
+            return sorted(found, key=lambda ep: ep.job_id)
+    if job_id is not None:
+        return [discover(ex, profile, job_id, model)]
+    running = [ep for ep in discover_all(ex, profile, work) if not _ends_by_itself(ep.job_id)]
+    if not running:
+        raise JobError(
+            "no running vidcap server job for this profile (a captioning job, if any, ends by itself): "
+            "start one with 'vidcap job submit' and 'vidcap job wait' (or name the servers under "
+            "[profiles.NAME.endpoint])"
+        )
+    newest = next((ep for ep in running if ep.model == model), running[0])
+    array, sep, _ = newest.job_id.partition("_")
+    if not sep:
+        return [newest]
+    siblings = [ep for ep in running if ep.job_id.partition("_")[0] == array and ep.model == newest.model]
+    return sorted(siblings, key=lambda ep: ep.job_id)
 
 
 def _bare_record(ex: Executor, job_id: str, work_dir: str) -> JobRecord:

@@ -43,10 +43,16 @@ class JobRecord:
     tasks: list[int] | None = None
     root: str | None = None
     caption: dict[str, Any] | None = None
+    replicas: int | None = None  # job submit --replicas N: an array of N servers of the same model
 
-    def task_id(self, shard: int) -> str:
-        """Slurm's name for the task running ``shard``: ``<array id>_<shard>``, or the job id itself."""
-        return f"{self.id}_{shard}" if (self.shards or 1) > 1 else self.id
+    @property
+    def array_size(self) -> int:
+        """Tasks in the Slurm array (1: a plain job)."""
+        return self.shards or self.replicas or 1
+
+    def task_id(self, index: int) -> str:
+        """Slurm's name for task ``index``: ``<array id>_<index>``, or the job id itself for a plain job."""
+        return f"{self.id}_{index}" if self.array_size > 1 else self.id
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import posixpath
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,12 +33,28 @@ class Secrets:
 
 
 @dataclass(frozen=True)
+class Replica:
+    """One model server of the run: its forward's name, its job's secrets (its own API key), its job."""
+
+    target: str
+    secrets_path: str
+    job_id: str | None
+
+
+@dataclass(frozen=True)
 class Located:
-    """The servers a profile uses: forwards to open, where the secrets are, and the job behind them."""
+    """The servers a profile uses: forwards to open, where the secrets are, and the job behind them.
+    ``replicas`` lists the model servers (one, or every ready task of an array); the file server is the
+    first one's, and ``secrets_path`` its secrets (the files token)."""
 
     targets: list[tunnel.Target]
     secrets_path: str
-    job_id: str | None = None
+    job_id: str | None = None  # what to watch: the job, or the array of replicas
+    replicas: tuple[Replica, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.replicas:  # one server: the "vllm" forward, with the job's own secrets
+            object.__setattr__(self, "replicas", (Replica("vllm", self.secrets_path, self.job_id),))
 
 
 def locate(transport: object, cfg: Config, profile_name: str, job_id: str | None = None) -> Located:
@@ -63,15 +80,39 @@ def locate(transport: object, cfg: Config, profile_name: str, job_id: str | None
             "remove the section to use the profile's running vidcap job"
         )
     model = jobs.served_name(profile, jobs.choose_preset(cfg, profile))
-    found = jobs.discover(SlurmExecutor(transport), profile, job_id, model)
-    return Located(
-        [
-            tunnel.Target("vllm", srv.local_vllm_port, found.node, found.vllm_port),
-            tunnel.Target("files", srv.local_files_port, found.node, found.files_port),
-        ],
-        found.secrets_path,
-        found.job_id,
-    )
+    found = jobs.discover_replicas(SlurmExecutor(transport), profile, job_id, model)
+    first = found[0]
+    targets = [
+        tunnel.Target("vllm", srv.local_vllm_port, first.node, first.vllm_port),
+        tunnel.Target("files", srv.local_files_port, first.node, first.files_port),
+    ]
+    replicas = [Replica("vllm", first.secrets_path, first.job_id)]
+    ports = _replica_ports(profile_name, [(ep.node, ep.vllm_port) for ep in found[1:]])
+    for i, (ep, port) in enumerate(zip(found[1:], ports, strict=True), start=1):
+        targets.append(tunnel.Target(f"vllm{i}", port, ep.node, ep.vllm_port))
+        replicas.append(Replica(f"vllm{i}", ep.secrets_path, ep.job_id))
+    # one job: watch it; replicas: watch their array, which ends when the last of them does
+    watched = first.job_id.partition("_")[0] if len(found) > 1 else first.job_id
+    return Located(targets, first.secrets_path, watched, tuple(replicas))
+
+
+def _replica_ports(profile_name: str, remotes: list[tuple[str, int]]) -> list[int]:
+    """Local ports for the forwards to replicas 2..N: the running tunnel's when it already forwards to
+    that server (so that the tunnel is not replaced for nothing), else free ones."""
+    state = tunnel.read_state(profile_name) or {}
+    known = {
+        (t.remote_host, t.remote_port): t.local_port
+        for t in map(tunnel.Target.parse, state.get("targets", []))
+    }
+    ports = []
+    for remote in remotes:
+        if remote in known:
+            ports.append(known[remote])
+            continue
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(int(s.getsockname()[1]))
+    return ports
 
 
 def locate_over_ssh(cfg: Config, profile_name: str, job_id: str | None = None) -> Located:
@@ -117,7 +158,7 @@ async def open_remote(
     mode: str,
     wait: float = 900.0,
     job_id: str | None = None,
-) -> AsyncIterator[tuple[Endpoint, RemoteSource]]:
+) -> AsyncIterator[tuple[list[Endpoint], RemoteSource]]:
     from vidcap.filesclient import FilesClient
     from vidcap.transport import connect
 
@@ -125,7 +166,15 @@ async def open_remote(
     transport = await asyncio.to_thread(connect, profile.ssh)
     try:
         located = await asyncio.to_thread(locate, transport, cfg, profile_name, job_id)
+        if len(located.replicas) > 1 and mode == "http":
+            raise UsageError(
+                "--media http with several servers: each fetches from its own node's file server, with "
+                "its own token; use --media file (the default) or inline"
+            )
         secrets = await asyncio.to_thread(read_secrets, transport, located.secrets_path)
+        keys = [secrets.api_key]
+        for replica in located.replicas[1:]:
+            keys.append((await asyncio.to_thread(read_secrets, transport, replica.secrets_path)).api_key)
         absolute = await asyncio.to_thread(remote_abs, transport, path)
     finally:
         await asyncio.to_thread(transport.close)
@@ -151,7 +200,13 @@ async def open_remote(
             wait=wait,
             watcher=_job_watcher(profile, located.job_id) if located.job_id else None,
         )
-        yield Endpoint(f"http://127.0.0.1:{ports['vllm']}/v1", secrets.api_key), source
+        yield (
+            [
+                Endpoint(f"http://127.0.0.1:{ports[r.target]}/v1", key)
+                for r, key in zip(located.replicas, keys, strict=True)
+            ],
+            source,
+        )
     finally:
         if started:
             await asyncio.to_thread(tunnel.down, profile_name)
@@ -217,8 +272,8 @@ async def caption(
         mode=job.media,
         wait=job.server_wait,
         job_id=job_id,
-    ) as (endpoint, source):
-        return await captioner.run(job, endpoint, sink, source)
+    ) as (endpoints, source):
+        return await captioner.run(job, endpoints if len(endpoints) > 1 else endpoints[0], sink, source)
 
 
 async def plan(
@@ -238,5 +293,5 @@ async def plan(
         extensions=job.extensions,
         mode=job.media,
         job_id=job_id,
-    ) as (endpoint, source):
-        return await dryrun.dry_run(job, source, endpoint, warn)
+    ) as (endpoints, source):
+        return await dryrun.dry_run(job, source, endpoints[0], warn)

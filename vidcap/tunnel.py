@@ -199,7 +199,7 @@ def status(profiles: Sequence[str]) -> list[dict[str, Any]]:
         checks = {}
         for spec in state["targets"]:
             t = Target.parse(spec)
-            path = "/health" if t.name == "vllm" else "/"
+            path = "/health" if t.name.startswith("vllm") else "/"
             try:
                 # trust_env=False: a proxy from the environment must not answer for our localhost forward
                 url = f"http://127.0.0.1:{t.local_port}{path}"

@@ -118,3 +118,57 @@ def test_error_messages_keep_square_brackets(tmp_path) -> None:
     res = subprocess.run([vidcap, "caption", str(missing)], capture_output=True, text=True, timeout=60)
     assert res.returncode == 2
     assert f"source {missing} is not a directory" in res.stderr
+
+
+class _Cluster:
+    """Just enough of an Executor for discovery: running jobs and their endpoint files."""
+
+    kind = "slurm"
+
+    def __init__(self, endpoints: dict[str, dict]) -> None:
+        self.endpoints = endpoints
+
+    def running_ids(self) -> list[str]:
+        return list(self.endpoints)
+
+    def statuses(self, recs: list) -> dict:
+        from vidcap.slurm_parse import JobState, JobStatus
+
+        return {r.id: JobStatus(r.id, JobState.RUNNING) for r in recs}
+
+    def read(self, path: str) -> bytes | None:
+        job_id = path.split("/")[-2]
+        data = self.endpoints.get(job_id)
+        return None if data is None else json.dumps(data).encode()
+
+
+def _ep(job_id: str, started: str, model: str = "qwen3-omni") -> dict:
+    return {
+        "node": "n1",
+        "vllm_port": 1,
+        "files_port": 2,
+        "model": model,
+        "started": started,
+        "job_id": job_id,
+    }
+
+
+def test_replicas_are_the_newest_array_s_ready_tasks() -> None:
+    from vidcap import jobs
+    from vidcap.config import Profile
+
+    profile = Profile()
+    cluster = _Cluster(
+        {
+            "7": _ep("7", "2026-11-24T09:00:00"),
+            "9_0": _ep("9_0", "2026-11-24T10:00:01"),
+            "9_1": _ep("9_1", "2026-11-24T10:00:00"),
+            "9_2": _ep("9_2", "2026-11-24T10:00:02", model="other"),
+        }
+    )
+    found = jobs.discover_replicas(cluster, profile, None, "qwen3-omni")  # type: ignore[arg-type]
+    assert [ep.job_id for ep in found] == ["9_0", "9_1"]  # siblings serving the same model
+    assert [ep.job_id for ep in jobs.discover_replicas(cluster, profile, "9", None)] == ["9_0", "9_1", "9_2"]
+    assert [ep.job_id for ep in jobs.discover_replicas(cluster, profile, "7", None)] == ["7"]
+    del cluster.endpoints["9_0"], cluster.endpoints["9_1"], cluster.endpoints["9_2"]
+    assert [ep.job_id for ep in jobs.discover_replicas(cluster, profile, None, "qwen3-omni")] == ["7"]

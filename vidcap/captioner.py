@@ -2,9 +2,10 @@
 
 Shape: the source is listed in batches (resume checks run in a thread: they are file reads) into a
 bounded queue; ``concurrency + prefetch`` workers take videos from it; decoding runs wherever the source
-decodes (worker processes, or the file server); at most ``concurrency`` chat requests are in flight.
-Memory is bounded by the queue and the workers, never by the number of videos. Progress leaves as
-``Event`` values for the caller (the CLI) to render.
+decodes (worker processes, or the file server); at most ``concurrency`` chat requests are in flight
+per model server replica (several endpoints of one model are one client.Pool). Memory is bounded by the
+queue and the workers, never by the number of videos. Progress leaves as ``Event`` values for the caller
+(the CLI) to render.
 """
 
 from __future__ import annotations
@@ -17,14 +18,14 @@ import re
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
-from vidcap import __version__, chat, media, windows
-from vidcap.client import Endpoint, Gate, Reply, Requester, RequestFailed, server_info
+from vidcap import __version__, chat, client, media, windows
+from vidcap.client import Endpoint, Pool, Reply, RequestFailed, server_info
 from vidcap.config import SamplingConfig, config_hash
 from vidcap.discovery import Entry, Problem
 from vidcap.errors import MediaError, ServerError, ServerUnreachableError, UsageError
@@ -138,8 +139,8 @@ class _Run:
         self.model = ""
         self.limit_tokens = 0
         self.chash = ""
-        self.server = ServerInfo()
-        self.requester: Requester
+        self.servers = [ServerInfo()]  # per replica of the pool; the summary names the first
+        self.pool: Pool
 
     # -- per video ----------------------------------------------------------------------------------
 
@@ -246,7 +247,7 @@ class _Run:
                 vfr=probe.vfr,
             ),
             model=self.model,
-            server=self.server,
+            server=self.servers[final.replica],
             prompt=PromptInfo(text=job.prompt, sha256=hashlib.sha256(job.prompt.encode()).hexdigest()),
             params=Params(
                 sampling=chat.sampling_params(job.sampling),
@@ -288,15 +289,15 @@ class _Run:
             raise RequestFailed("truncated", message, reply.attempts, False)
         return reply, parts.kind
 
-    async def _send(self, body: dict[str, Any]) -> Reply:
-        return await self.requester.complete(body)
+    async def _send(self, body: dict[str, Any], replica: int | None = None) -> Reply:
+        return await self.pool.complete(body, replica)
 
     async def _verify_audio(self, body: dict[str, Any], with_audio: Reply) -> bool | None:
         """Same request without the audio item: if the prompt does not shrink, the server drops audio."""
         content = [p for p in body["messages"][0]["content"] if p["type"] != "audio_url"]
         probe_body = {**body, "messages": [{"role": "user", "content": content}], "max_tokens": 1}
         try:
-            without = await self._send(probe_body)
+            without = await self._send(probe_body, with_audio.replica)  # the same server compares
         except RequestFailed as exc:
             self.sink(Event("warning", message=f"could not check that audio reaches the model: {exc}"))
             return None
@@ -328,7 +329,7 @@ class _Run:
                     raise RequestFailed("truncated", message, attempts, False)
                 merged.append((chunk[0][0], chunk[-1][1], reply.text))
             if len(merged) == 1:
-                return Reply(merged[0][2], reply.finish_reason, usage, attempts)
+                return Reply(merged[0][2], reply.finish_reason, usage, attempts, reply.replica)
             parts = merged
 
     async def _fail(self, rel: str, kind: str, message: str, attempts: int, retryable: bool) -> None:
@@ -397,8 +398,8 @@ class _Run:
     def snapshot(self, summary: RunSummary, t0: float) -> None:
         """Bring ``summary`` up to date with the run so far (finished and exit_code stay as they are)."""
         summary.counts = self.counts.model_copy()
-        summary.counts.requests = self.requester.requests
-        summary.counts.retried_requests = self.requester.retried
+        summary.counts.requests = self.pool.requests
+        summary.counts.retried_requests = self.pool.retried
         summary.usage = self.usage
         summary.total = self.total
         summary.audio_verified = self.audio_verified
@@ -441,36 +442,85 @@ class _Run:
 
 async def run(
     job: CaptionJob,
-    endpoint: Endpoint,
+    endpoint: Endpoint | Sequence[Endpoint],
     sink: EventSink = lambda e: None,
     source: Source | None = None,
 ) -> RunSummary:
     """Caption what is missing under the source into ``job.out``; returns the run summary (also written
     to OUT/_vidcap/runs/). Raises ServerUnreachableError/ServerError before anything is written when the
-    server cannot be used, OutputLockedError when another run holds the output dir."""
+    server cannot be used, OutputLockedError when another run holds the output dir.
+
+    Several endpoints are replicas of one model: requests are spread over those that answer and serve
+    the model (the others are left out with a warning), ``job.concurrency`` in flight on each."""
+    endpoints = [endpoint] if isinstance(endpoint, Endpoint) else list(endpoint)
+    if not endpoints:
+        raise UsageError("no model server to send requests to")
     if job.media == "http" and source is None:
         raise UsageError("--media http needs the file server of a cluster job (vidcap caption PROFILE:PATH)")
     source = source or local_source(job)
     try:
-        return await _run(job, endpoint, sink, source)
+        return await _run(job, endpoints, sink, source)
     finally:
         await source.close()
 
 
-async def _run(job: CaptionJob, endpoint: Endpoint, sink: EventSink, source: Source) -> RunSummary:
-    info = await server_info(endpoint)
-    model = job.model or (info.models[0] if info.models else None)
+def _serves(endpoint: Endpoint, info: client.ServerInfo, model: str | None) -> str:
+    """The model to use on this server (``model``, or its first one); ServerError when it has none."""
     if not model:
-        raise ServerError(f"{endpoint.base_url} serves no model")
-    if job.model and job.model not in info.models:
-        raise ServerError(
-            f"{endpoint.base_url} does not serve {job.model!r} (it serves {', '.join(info.models)})"
-        )
-    max_len = info.max_model_len or job.max_model_len
+        if not info.models:
+            raise ServerError(f"{endpoint.base_url} serves no model")
+        return info.models[0]
+    if model not in info.models:
+        served = ", ".join(info.models)
+        raise ServerError(f"{endpoint.base_url} does not serve {model!r} (it serves {served})")
+    return model
+
+
+async def _replicas(
+    job: CaptionJob, endpoints: list[Endpoint], sink: EventSink
+) -> tuple[str, list[tuple[Endpoint, client.ServerInfo]]]:
+    """Ask every server (at once) what it serves; keep those that serve the job's model (or the first
+    answering server's first model). Errors as for one server when none can be used."""
+    if len(endpoints) == 1:
+        info = await server_info(endpoints[0])
+        return _serves(endpoints[0], info, job.model), [(endpoints[0], info)]
+    answers = await asyncio.gather(*(server_info(e) for e in endpoints), return_exceptions=True)
+    model, kept, errors = job.model, [], []
+    for ep, answer in zip(endpoints, answers, strict=True):
+        try:
+            if isinstance(answer, BaseException):
+                raise answer
+            model = _serves(ep, answer, model)
+            kept.append((ep, answer))
+        except (ServerUnreachableError, ServerError) as exc:
+            errors.append(exc)
+    if not kept:
+        if all(isinstance(e, ServerUnreachableError) for e in errors):
+            raise ServerUnreachableError(
+                f"cannot reach any of the {len(endpoints)} model servers "
+                f"({', '.join(e.base_url for e in endpoints)}); is the job running and the tunnel up? "
+                "try 'vidcap tunnel status'"
+            )
+        why = "; ".join(map(str, errors))
+        raise ServerError(f"none of the {len(endpoints)} model servers can be used: {why}")
+    for exc in errors:
+        sink(Event("warning", message=f"model server left out: {exc}"))
+    assert model is not None
+    return model, kept
+
+
+async def _run(job: CaptionJob, endpoints: list[Endpoint], sink: EventSink, source: Source) -> RunSummary:
+    model, replicas = await _replicas(job, endpoints, sink)
+    endpoints = [ep for ep, _ in replicas]
+    lens = [info.max_model_len for _, info in replicas if info.max_model_len]
+    max_len = min(lens) if lens else job.max_model_len
     store = OutputDir(job.out)
     state = _Run(job, source, store, sink)
     state.model = model
-    state.server = ServerInfo(url=endpoint.base_url, vllm_version=info.version, job_id=job.job_id)
+    state.servers = [
+        ServerInfo(url=ep.base_url, vllm_version=info.version, job_id=ep.job_id or job.job_id)
+        for ep, info in replicas
+    ]
     state.limit_tokens = windows.budget(max_len, job.prompt, job.sampling.max_tokens)
     if state.limit_tokens <= 0:
         raise UsageError(
@@ -482,7 +532,7 @@ async def _run(job: CaptionJob, endpoint: Endpoint, sink: EventSink, source: Sou
         source=source.label,
         out=str(job.out),
         model=model,
-        server=state.server,
+        server=state.servers[0],
         config_hash=state.chash,
         shard=f"{job.shard[0]}/{job.shard[1]}" if job.shard else None,
         limit=job.limit,
@@ -490,32 +540,42 @@ async def _run(job: CaptionJob, endpoint: Endpoint, sink: EventSink, source: Sou
         vidcap_version=__version__,
     )
     with store.locked(job.shard, job.lock_wait):
-        sink(Event("start", message=f"{model} at {endpoint.base_url}, context {max_len}"))
+        where = endpoints[0].base_url
+        if len(endpoints) > 1:
+            where = f"{len(endpoints)} replicas ({', '.join(ep.base_url for ep in endpoints)})"
+        sink(Event("start", message=f"{model} at {where}, context {max_len}"))
         t0 = time.monotonic()
         # Written at the start (finished null), so that a run shows while it goes on, or if it is killed.
         state.write_summary(summary)
-        state.requester = Requester(
-            endpoint,
-            Gate(endpoint, job.server_wait),
+
+        def dead(index: int, reason: str) -> None:
+            url = endpoints[index].base_url
+            sink(Event("warning", message=f"model server {url} left the run: {reason}"))
+
+        state.pool = Pool.connect(
+            endpoints,
             slots=job.concurrency,
+            server_wait=job.server_wait,
             timeout=job.request_timeout,
             max_attempts=job.max_attempts,
             max_seconds=job.retry_max_seconds,
             wait_max=job.retry_wait_max,
+            on_dead=dead,
         )
         reason = None
         progress: asyncio.Future[None] | None = None
         try:
             if job.progress_interval > 0:
                 progress = asyncio.ensure_future(state.write_progress(summary, t0))
-            reason = await _supervise(state, job.concurrency + 2 * (os.cpu_count() or 2))
+            workers = len(endpoints) * job.concurrency + 2 * (os.cpu_count() or 2)
+            reason = await _supervise(state, workers)
         finally:
             try:
                 if progress is not None:
                     # Stopped (its write landed) before the final write, which must be the last one.
                     progress.cancel()
                     await asyncio.wait([progress])
-                await state.requester.close()
+                await state.pool.close()
             finally:  # written even when a second cancel lands while the run is stopping
                 state.snapshot(summary, t0)
                 summary.interrupted = isinstance(reason, int)

@@ -111,8 +111,11 @@ def caption(
     out_dir: Path | None = typer.Option(
         None, "--out", "-o", help="Output root (default: captions/<model tag>)."
     ),
-    server: str | None = typer.Option(
-        None, "--server", help="OpenAI-compatible URL, e.g. http://host:8000/v1."
+    server: list[str] | None = typer.Option(
+        None,
+        "--server",
+        help="OpenAI-compatible URL, e.g. http://host:8000/v1. Repeat it for replicas of the same model: "
+        "requests are spread over them (--concurrency on each).",
     ),
     model: str | None = typer.Option(
         None, "--model", help="Served model name (default: the first the server lists)."
@@ -175,7 +178,7 @@ def caption(
                 run = remote.caption(cfg, job, *resolved.remote, config_path, progress.handle, job_id)
             else:
                 assert endpoint is not None
-                run = captioner.run(job, endpoint, progress.handle)
+                run = captioner.run(job, resolved.endpoints or endpoint, progress.handle)
             summary = asyncio.run(run)
     except VidcapError as exc:
         _fail(exc)

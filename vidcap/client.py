@@ -3,13 +3,19 @@ and the outage gate that turns "the server went away" into a wait instead of a m
 
 Retried: connection errors, timeouts, 429, 500, 502, 503, 504 (tenacity, exponential backoff with jitter,
 bounded attempts and time). Not retried: other 4xx, reported with vLLM's own message.
+
+Several replicas of the same model (N vLLM servers) are one ``Pool``: each request goes to the live
+replica with the fewest requests in flight; a replica that goes away hands its requests to the others.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import ssl
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +32,7 @@ RETRY_STATUS = {429, 500, 502, 503, 504}
 class Endpoint:
     base_url: str  # ends in /v1
     api_key: str | None = field(default=None, repr=False)
+    job_id: str | None = None  # the Slurm job serving it, when known (written to the records)
 
     @property
     def root(self) -> str:
@@ -48,6 +55,7 @@ class Reply:
     finish_reason: str | None
     usage: Usage
     attempts: int
+    replica: int = 0  # index of the Pool replica that answered
 
 
 class RequestFailed(Exception):
@@ -100,21 +108,54 @@ class Gate:
         self.max_wait = max_wait
         self._open = asyncio.Event()
         self._open.set()
+        self._down = asyncio.Event()  # set while closed because /health failed
         self._checking: asyncio.Task[None] | None = None
         self.outages = 0
+
+    @property
+    def is_open(self) -> bool:
+        return self._open.is_set() and self.error is None
+
+    @property
+    def error(self) -> BaseException | None:
+        """The ServerUnreachableError of a check that gave up (the server stayed away too long)."""
+        checking = self._checking
+        if checking is None or not checking.done() or checking.cancelled():
+            return None
+        return checking.exception()
 
     async def wait_open(self) -> None:
         await self._open.wait()
         if self._checking is not None and self._checking.done() and self._checking.exception():
             raise self._checking.exception()  # type: ignore[misc]
 
-    async def report_connection_error(self) -> None:
-        """Called after a connection error: check /health once for everybody, wait while it is down."""
+    async def report_connection_error(self, wait: bool = True) -> None:
+        """Called after a connection error: check /health once for everybody, wait while it is down.
+        With ``wait=False`` return as soon as the check knows whether the server is down (the gate is
+        then closed) or up, instead of waiting for the end of an outage."""
         if self._checking is None or self._checking.done():
             if self._checking is not None and self._checking.exception():
                 raise self._checking.exception()  # type: ignore[misc]
             self._checking = asyncio.ensure_future(self._check())
-        await asyncio.shield(self._checking)
+        if wait:
+            await asyncio.shield(self._checking)
+            return
+        if not self._open.is_set():
+            return
+        closed = asyncio.ensure_future(self._down.wait())
+        try:
+            await asyncio.wait([self._checking, closed], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closed.cancel()
+        if (error := self.error) is not None:
+            raise error
+
+    async def close(self) -> None:
+        """Stop a check still running (the run is over)."""
+        if self._checking is not None and not self._checking.done():
+            self._checking.cancel()
+            await asyncio.wait([self._checking])
+        self.error  # noqa: B018 -- retrieved, so asyncio does not log it as never retrieved
 
     async def _check(self) -> None:
         deadline = time.monotonic() + self.max_wait
@@ -123,12 +164,14 @@ class Gate:
             while True:
                 try:
                     if (await http.get(self.endpoint.root + "/health")).status_code == 200:
+                        self._down.clear()
                         self._open.set()
                         return
                 except httpx.HTTPError:
                     pass
                 if self._open.is_set():
                     self._open.clear()
+                    self._down.set()
                     self.outages += 1
                 if time.monotonic() >= deadline:
                     self._open.set()  # wake the waiters so that they see the error
@@ -166,6 +209,14 @@ def _error_message(resp: httpx.Response) -> str:
         if msg:
             return " ".join(str(msg).split())[:500]
     return str(body)[:300]
+
+
+class _Moved(Exception):
+    """A Pool's replica gave up on a request so that another replica takes it."""
+
+    def __init__(self, attempts: int) -> None:
+        super().__init__("moved to another replica")
+        self.attempts = attempts
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -215,6 +266,8 @@ class Requester:
         self.wait = wait_random_exponential(multiplier=wait_multiplier, max=wait_max)
         self.requests = 0
         self.retried = 0
+        # Set by a Pool of several replicas: true when a request should leave this replica for another.
+        self.leave: Callable[[], bool] | None = None
 
     async def close(self) -> None:
         for client in self._all:
@@ -235,6 +288,8 @@ class Requester:
         try:
             async for attempt in retrying:
                 with attempt:
+                    if self.leave is not None and self.leave():
+                        raise _Moved(attempts)
                     attempts += 1
                     if attempts > 1:
                         self.retried += 1
@@ -244,7 +299,15 @@ class Requester:
                     except Unreachable:
                         before = time.monotonic()
                         outages = self.gate.outages
-                        await self.gate.report_connection_error()
+                        if self.leave is None:
+                            await self.gate.report_connection_error()
+                        else:
+                            # Another replica may take it now: first learn whether this one is down.
+                            await self.gate.report_connection_error(wait=False)
+                            if self.leave():
+                                raise _Moved(attempts) from None
+                            if not self.gate.is_open:
+                                await self.gate.report_connection_error()
                         if self.gate.outages != outages:
                             outage["attempts"] += 1
                             outage["seconds"] += time.monotonic() - before
@@ -286,3 +349,153 @@ class Requester:
             raise RequestFailed(
                 "bad_response", f"not a chat completion: {resp.text[:200]}", attempts, False
             ) from exc
+
+
+@dataclass(eq=False)
+class Replica:
+    index: int
+    endpoint: Endpoint
+    requester: Requester
+    gate: Gate
+    in_flight: int = 0  # requests given to it and not answered yet (waiting for a slot included)
+    dead: str | None = None  # why it left the run
+
+
+class Pool:
+    """Requests spread over replicas of one model: the same interface as a Requester (``complete``,
+    ``requests``, ``retried``, ``close``). Each replica has its own Requester (``slots`` requests in
+    flight) and Gate, so an outage pauses only that replica's requests.
+
+    A request goes to the live replica with the fewest requests in flight, preferring those whose gate
+    is open. When its replica goes away (connection errors and /health failing) while another is open,
+    the request moves there at once; a replica whose gate gives up (no answer for ``server_wait``) or
+    that is dropped (``drop``: its job ended) is dead, and its requests that then fail with connection
+    errors are retried on the others. Only when no replica is left does ServerUnreachableError reach
+    the caller. A Pool of one replica is that replica's Requester.
+    """
+
+    def __init__(
+        self,
+        replicas: Sequence[tuple[Endpoint, Requester, Gate]],
+        on_dead: Callable[[int, str], None] = lambda index, reason: None,
+    ) -> None:
+        if not replicas:
+            raise ValueError("a Pool needs at least one replica")
+        self.replicas = [Replica(i, e, r, g) for i, (e, r, g) in enumerate(replicas)]
+        self.on_dead = on_dead
+        self.failovers = 0
+        self._turn = 0
+        if len(self.replicas) > 1:
+            for rep in self.replicas:
+                rep.requester.leave = functools.partial(self._should_leave, rep)
+
+    @classmethod
+    def connect(
+        cls,
+        endpoints: Sequence[Endpoint],
+        *,
+        slots: int,
+        server_wait: float,
+        timeout: float,
+        max_attempts: int,
+        max_seconds: float,
+        wait_max: float = 20.0,
+        on_dead: Callable[[int, str], None] = lambda index, reason: None,
+    ) -> Pool:
+        replicas = []
+        for endpoint in endpoints:
+            gate = Gate(endpoint, server_wait)
+            requester = Requester(
+                endpoint,
+                gate,
+                slots=slots,
+                timeout=timeout,
+                max_attempts=max_attempts,
+                max_seconds=max_seconds,
+                wait_max=wait_max,
+            )
+            replicas.append((endpoint, requester, gate))
+        return cls(replicas, on_dead)
+
+    @property
+    def requests(self) -> int:
+        return sum(r.requester.requests for r in self.replicas)
+
+    @property
+    def retried(self) -> int:
+        return sum(r.requester.retried for r in self.replicas) + self.failovers
+
+    def live(self) -> list[int]:
+        return [r.index for r in self.replicas if r.dead is None]
+
+    def drop(self, index: int, reason: str) -> None:
+        """Send nothing more to replica ``index`` (e.g. its Slurm job ended); requests in flight there
+        that then fail with connection errors are retried on the others."""
+        rep = self.replicas[index]
+        if rep.dead is None:
+            rep.dead = reason
+            self.on_dead(index, reason)
+
+    async def close(self) -> None:
+        for rep in self.replicas:
+            await rep.requester.close()
+            await rep.gate.close()
+
+    async def complete(self, body: dict[str, Any], replica: int | None = None) -> Reply:
+        """Send ``body``; to replica ``replica`` when it is live and open (e.g. a follow-up request
+        whose answer is compared with an earlier one), else to the least busy."""
+        if len(self.replicas) == 1:
+            if self.replicas[0].dead is not None:
+                raise ServerUnreachableError(self._gone())
+            return await self.replicas[0].requester.complete(body)
+        attempts = 0
+        while True:
+            rep = self._pick(replica)
+            rep.in_flight += 1
+            try:
+                reply = await rep.requester.complete(body)
+            except _Moved as exc:
+                attempts += exc.attempts
+            except ServerUnreachableError:
+                self.drop(rep.index, f"no answer for {rep.gate.max_wait:.0f} s")
+            except RequestFailed as exc:
+                if rep.dead is None or exc.kind not in ("connection", "timeout"):
+                    exc.attempts += attempts
+                    raise
+                attempts += exc.attempts
+            else:
+                if attempts:
+                    reply = dataclasses.replace(reply, attempts=reply.attempts + attempts)
+                return dataclasses.replace(reply, replica=rep.index)
+            finally:
+                rep.in_flight -= 1
+            self.failovers += 1
+            replica = None
+
+    def _pick(self, prefer: int | None) -> Replica:
+        for rep in self.replicas:
+            if rep.dead is None and rep.gate.error is not None:
+                self.drop(rep.index, f"no answer for {rep.gate.max_wait:.0f} s")
+        live = [r for r in self.replicas if r.dead is None]
+        if not live:
+            raise ServerUnreachableError(self._gone())
+        if prefer is not None and self.replicas[prefer].dead is None and self.replicas[prefer].gate.is_open:
+            return self.replicas[prefer]
+        # Ties go round, so that an idle pool does not send everything to the first replica.
+        n = len(self.replicas)
+        self._turn = (self._turn + 1) % n
+        return min(live, key=lambda r: (not r.gate.is_open, r.in_flight, (r.index - self._turn) % n))
+
+    def _should_leave(self, rep: Replica) -> bool:
+        if rep.dead is not None:
+            return True
+        if rep.gate.is_open:
+            return False
+        return any(o is not rep and o.dead is None and o.gate.is_open for o in self.replicas)
+
+    def _gone(self) -> str:
+        if len(self.replicas) == 1:
+            rep = self.replicas[0]
+            return f"the model server at {rep.endpoint.base_url} left the run ({rep.dead}); stopped"
+        why = "; ".join(f"{r.endpoint.base_url}: {r.dead}" for r in self.replicas)
+        return f"no model server replica is left ({why}); stopped (rerun to complete what is missing)"

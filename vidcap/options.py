@@ -4,6 +4,7 @@ prompt/API-key file, and the endpoint of a running local job when no server is n
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,7 @@ class Settings:
 
     source: str
     out: Path | None = None
-    server: str | None = None
+    server: str | Sequence[str] | None = None  # several URLs: replicas of one model
     model: str | None = None
     prompt: str | None = None
     concurrency: int | None = None
@@ -76,6 +77,7 @@ class Resolved:
     job: CaptionJob
     endpoint: Endpoint | None  # None for a cluster source: the tunnel decides the URL
     remote: tuple[str, str] | None = None  # (profile, cluster path)
+    endpoints: tuple[Endpoint, ...] = ()  # every --server (replicas); endpoint is the first
 
 
 def resolve(cfg: Config, s: Settings) -> Resolved:
@@ -106,7 +108,8 @@ def resolve(cfg: Config, s: Settings) -> Resolved:
     model = s.model or srv.served_name
     tag = model_tag(s.model or preset.model)
     out = s.out or (Path(cap.out) if cap.out else Path("captions") / tag)
-    url = s.server or srv.url
+    urls = [s.server] if isinstance(s.server, str) else list(s.server or ())
+    url = (urls[0] if urls else None) or srv.url
     api_key = read_api_key(s.api_key_file)
     if remote is None and url is None and not profile.ssh.host:
         from vidcap.jobs import local_endpoint
@@ -146,4 +149,5 @@ def resolve(cfg: Config, s: Settings) -> Resolved:
     )
     if remote is not None:
         return Resolved(job, None, (remote, path))
-    return Resolved(job, Endpoint(normalize_url(url), api_key))
+    endpoints = tuple(dict.fromkeys(Endpoint(normalize_url(u), api_key) for u in [url, *urls[1:]]))
+    return Resolved(job, endpoints[0], endpoints=endpoints)

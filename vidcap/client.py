@@ -152,10 +152,14 @@ class Gate:
 
     async def close(self) -> None:
         """Stop a check still running (the run is over)."""
-        if self._checking is not None and not self._checking.done():
-            self._checking.cancel()
-            await asyncio.wait([self._checking])
-        self.error  # noqa: B018 -- retrieved, so asyncio does not log it as never retrieved
+        checking = self._checking
+        if checking is None:
+            return
+        if not checking.done():
+            checking.cancel()
+            await asyncio.wait([checking])
+        if not checking.cancelled():
+            checking.exception()  # retrieved, so that asyncio does not log it as never retrieved
 
     async def _check(self) -> None:
         deadline = time.monotonic() + self.max_wait
@@ -288,8 +292,8 @@ class Requester:
         try:
             async for attempt in retrying:
                 with attempt:
-                    if self.leave is not None and self.leave():
-                        raise _Moved(attempts)
+                    if self.leave is not None:
+                        await self._stay_or_move(attempts)
                     attempts += 1
                     if attempts > 1:
                         self.retried += 1
@@ -318,6 +322,17 @@ class Requester:
             kind = "timeout" if isinstance(exc, TimedOut) else "connection"
             raise RequestFailed(kind, str(exc), attempts, True) from exc
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _stay_or_move(self, attempts: int) -> None:
+        """In a Pool: raise _Moved when the request should go to another replica; wait for this one's
+        gate only when no other is open (and then look again)."""
+        assert self.leave is not None
+        if self.leave():
+            raise _Moved(attempts)
+        if not self.gate.is_open:
+            await self.gate.wait_open()
+            if self.leave():
+                raise _Moved(attempts)
 
     async def _send(self, body: dict[str, Any], attempts: int) -> Reply:
         client = await self._clients.get()

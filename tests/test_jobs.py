@@ -216,3 +216,34 @@ def test_local_executor_runs_the_same_script_without_slurm(
     assert state == "CANCELLED"
     assert not (site.work / "jobs" / job / "endpoint.json").exists()
     assert pids_with_env(f"VIDCAP_LOCAL_JOB_ID={job}".encode()) == []
+
+
+def test_replicas_share_one_laptop_run(site: Site, slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    site.set("server", command=[*STANDIN, "--latency", "0.3"])
+    res = site.cli("job", "submit", "--replicas", "2", "--caption", str(site.videos))
+    assert res.returncode == 2 and "--shards" in res.stderr
+    job = site.submit("--replicas", "2")
+    res = site.cli("job", "wait", job, "--timeout", "120", "--poll", "0.5", "--json")
+    assert res.returncode == 0, res.stderr
+    ready = json.loads(res.stdout)
+    assert sorted(ep["job_id"] for ep in ready) == [f"{job}_0", f"{job}_1"]
+    status = json.loads(site.cli("job", "status", job, "--json").stdout)
+    assert status["state"] == "RUNNING" and [t["state"] for t in status["tasks"]] == ["RUNNING"] * 2
+    assert all(t["endpoint"] for t in status["tasks"])
+
+    # tunnel up forwards to both servers; a run spreads its requests over them
+    res = site.cli("tunnel", "up", "--json")
+    assert res.returncode == 0, res.stderr
+    names = sorted(spec.split("=")[0] for spec in json.loads(res.stdout)["targets"])
+    assert names == ["files", "vllm", "vllm1"]
+    checks = json.loads(site.cli("tunnel", "status", "--json").stdout)[0]["checks"]
+    assert checks == {"vllm": "ok", "vllm1": "ok", "files": "ok"}
+    out = tmp_path / "captions"
+    res = site.cli("caption", f"cluster:{site.videos}", "--out", str(out), "--json")
+    assert res.returncode == 1, res.stderr  # the corpus's bad files
+    got = records(out)
+    assert set(got) == site.good
+    assert len({r.server.url for r in got.values()}) == 2  # both replicas captioned some
+
+    assert site.cli("job", "cancel", job).returncode == 0
+    assert slurm_cluster.wait_state(f"{job}_0", "CANCELLED", timeout=30) == "CANCELLED"

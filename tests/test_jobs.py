@@ -244,6 +244,7 @@ def test_replicas_share_one_laptop_run(site: Site, slurm_cluster: SlurmCluster, 
     got = records(out)
     assert set(got) == site.good
     assert len({r.server.url for r in got.values()}) == 2  # both replicas captioned some
+    assert {r.server.job_id for r in got.values()} == {f"{job}_0", f"{job}_1"}
 
     assert site.cli("job", "cancel", job).returncode == 0
     assert slurm_cluster.wait_state(f"{job}_0", "CANCELLED", timeout=30) == "CANCELLED"

@@ -202,7 +202,7 @@ async def open_remote(
         )
         yield (
             [
-                Endpoint(f"http://127.0.0.1:{ports[r.target]}/v1", key)
+                Endpoint(f"http://127.0.0.1:{ports[r.target]}/v1", key, job_id=r.job_id)
                 for r, key in zip(located.replicas, keys, strict=True)
             ],
             source,

@@ -246,5 +246,8 @@ def test_replicas_share_one_laptop_run(site: Site, slurm_cluster: SlurmCluster, 
     assert len({r.server.url for r in got.values()}) == 2  # both replicas captioned some
     assert {r.server.job_id for r in got.values()} == {f"{job}_0", f"{job}_1"}
 
-    assert site.cli("job", "cancel", job).returncode == 0
+    res = site.cli("tunnel", "up")  # still up (idempotent): cancelling the array stops it
+    assert res.returncode == 0, res.stderr
+    res = site.cli("job", "cancel", job)
+    assert res.returncode == 0 and "stopped the tunnel" in res.stderr, res.stderr
     assert slurm_cluster.wait_state(f"{job}_0", "CANCELLED", timeout=30) == "CANCELLED"

@@ -436,7 +436,9 @@ def job_cancel(
     try:
         with _executor(config_path, profile, local) as (cfg, name, ex):
             rec = jobs.resolve_record(ex, cfg, name, job_id)
-            ep = jobs.endpoint_of(ex, rec.id, cfg.profile(name).paths.work_dir)
+            work_dir = cfg.profile(name).paths.work_dir
+            ids = [rec.task_id(i) for i in rec.tasks or [0]] if rec.replicas else [rec.id]
+            eps = [e for e in (jobs.endpoint_of(ex, i, work_dir) for i in ids) if e is not None]
             if rec.caption is not None:
                 cancelled = oncluster.cancel_active(ex, rec)
             else:
@@ -450,9 +452,9 @@ def job_cancel(
         err.print(f"job {rec.id}: nothing left to cancel (every shard has ended)", highlight=False)
     # A tunnel to the cancelled job's servers would only forward to a closed port.
     state = tunnel.read_state(name)
-    if ep is not None and state is not None:
+    if eps and state is not None:
         remote_ends = {(t.remote_host, t.remote_port) for t in map(tunnel.Target.parse, state["targets"])}
-        if (ep.node, ep.vllm_port) in remote_ends and tunnel.down(name):
+        if any((ep.node, ep.vllm_port) in remote_ends for ep in eps) and tunnel.down(name):
             err.print(f"stopped the tunnel of profile {name!r} to that job", highlight=False)
 
 

@@ -35,6 +35,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -52,10 +53,11 @@ from vidcap.discovery import shard_of  # noqa: E402
 VIDCAP = REPO / ".venv" / "bin" / "vidcap"
 GOAL = 0.9
 _TICK = os.sysconf("SC_CLK_TCK")
+LOG_NAME = "bench-shards"  # bench_replicas.py, which imports this module, sets its own
 
 
 def log(msg: str) -> None:
-    print(f"[bench-shards {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+    print(f"[{LOG_NAME} {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 class BenchFailure(RuntimeError):
@@ -133,7 +135,7 @@ class Launch:
     def __init__(self, argv: list[str], env: dict[str, str], tmp: Path, tag: str) -> None:
         self.stdout_path, self.stderr_path = tmp / f"{tag}.stdout", tmp / f"{tag}.stderr"
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
-            self.started = time.perf_counter()
+            self.started, self.started_wall = time.perf_counter(), time.time()
             self.proc = subprocess.Popen(
                 argv, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err
             )
@@ -183,11 +185,40 @@ def vidcap_env(tmp: Path) -> dict[str, str]:
     return env
 
 
+def caption_argv(cfg: argparse.Namespace, source: Path, urls: list[str], out: Path) -> list[str]:
+    """`vidcap caption` of ``source`` into ``out`` against the stand-ins at ``urls`` (one --server each)."""
+    argv = [str(VIDCAP), "caption", str(source)]
+    for url in urls:
+        argv += ["--server", url + "/v1"]
+    options = ["--json", "--concurrency", str(cfg.concurrency), "--audio", "off", "--media", "file"]
+    return [*argv, "--out", str(out), *options]
+
+
 def run_phase(
     cfg: argparse.Namespace, tmp: Path, source: Path, out: Path, shards: int, which: list[int], tag: str
 ) -> dict[str, Any]:
     """The runs of shards ``which`` of ``shards`` (1: one unsharded run), started together, each against a
     fresh stand-in of its own; the times, CPU, run summaries and stand-in stats of the whole phase."""
+
+    def argvs(urls: list[str]) -> list[list[str]]:
+        return [
+            caption_argv(cfg, source, [url], out) + (["--shard", f"{i}/{shards}"] if shards > 1 else [])
+            for i, url in zip(which, urls, strict=True)
+        ]
+
+    return run_processes(cfg, tmp, source, len(which), argvs, tag)
+
+
+def run_processes(
+    cfg: argparse.Namespace,
+    tmp: Path,
+    source: Path,
+    nservers: int,
+    argvs: Callable[[list[str]], list[list[str]]],
+    tag: str,
+) -> dict[str, Any]:
+    """Start ``nservers`` fresh bounded stand-ins, then the vidcap processes ``argvs(their URLs)`` names, all
+    at once; the times, CPU, run summaries and stand-in stats (``by_video`` apart) of the whole phase."""
     env = vidcap_env(tmp)
     with contextlib.ExitStack() as stack:
         servers: list[Server] = [
@@ -203,18 +234,14 @@ def run_phase(
                     str(cfg.latency),
                 )
             )
-            for _ in which
+            for _ in range(nservers)
         ]
         server_cpu0 = [proc_cpu(s.proc.pid) for s in servers]
         launches: list[Launch] = []
         stack.callback(lambda: [launch.kill() for launch in launches])  # on error or Ctrl-C: none stays
         load0 = os.getloadavg()[0]
         busy0, total0 = machine_cpu()
-        for i, server in zip(which, servers, strict=True):
-            argv = [str(VIDCAP), "caption", str(source), "--server", server.url + "/v1", "--out", str(out)]
-            argv += ["--json", "--concurrency", str(cfg.concurrency), "--audio", "off", "--media", "file"]
-            if shards > 1:
-                argv += ["--shard", f"{i}/{shards}"]
+        for i, argv in enumerate(argvs([s.url for s in servers])):
             launches.append(Launch(argv, env, tmp, f"{tag}-{i}"))
         tree = TreeCPU()
         tree.start([launch.proc.pid for launch in launches])
@@ -235,9 +262,11 @@ def run_phase(
             )
     return {
         "wall_s": last - first,
+        "urls": [s.url + "/v1" for s in servers],
         "processes": [
             {
                 "start_s": x.started - first,
+                "started_wall": x.started_wall,
                 "wall_s": x.ended - x.started,
                 "cpu_s": x.cpu,
                 "workers_cpu_s": below[x.proc.pid],
@@ -250,13 +279,14 @@ def run_phase(
         "load_after": load1,
         "server_cpu_s": server_cpu,
         "servers": [{k: v for k, v in st.items() if k != "by_video"} for st in stats],
+        "by_video": [st["by_video"] for st in stats],  # measure() drops it after the checks
     }
 
 
 # ---- the checks ------------------------------------------------------------------------------------------
 
 
-def _ts(text: str) -> float:
+def iso_ts(text: str) -> float:
     return datetime.fromisoformat(text).timestamp()
 
 
@@ -268,13 +298,10 @@ def shard_sizes(rels: list[str], shards: int) -> list[int]:
     return sizes
 
 
-def check(phase: dict[str, Any], out: Path, rels: list[str], shards: int, which: list[int]) -> dict[str, Any]:
-    """Raise BenchFailure unless OUT holds exactly one record per video of shards ``which`` and nothing else
-    went wrong; returns what the checks counted (shard sizes, summaries per shard, caption times)."""
-    tag = f"shards {which} of {shards}" if shards > 1 else "1 run"
-    expected = {rel for rel in rels if shards == 1 or shard_of(rel, shards) in which}
-    found: list[str] = []
-    finished: list[float] = []
+def scan_records(out: Path, expected: set[str], tag: str) -> dict[str, dict[str, Any]]:
+    """The records in OUT by video; BenchFailure unless there is exactly one per ``expected`` video, naming
+    it and with a caption, no other file (a temp file left behind) and no line in a failure ledger."""
+    records: dict[str, dict[str, Any]] = {}
     bad: list[str] = []
     for dirpath, dirnames, filenames in os.walk(out):
         if Path(dirpath) == out:
@@ -286,24 +313,36 @@ def check(phase: dict[str, Any], out: Path, rels: list[str], shards: int, which:
                 bad.append(rel)  # a temp file left behind, or something vidcap should not write
                 continue
             rel = rel[: -len(".json")]
-            found.append(rel)
-            data = json.loads(path.read_text())
+            data = records[rel] = json.loads(path.read_text())
             if data["video"]["path"] != rel or not data["caption"]:
                 bad.append(f"{rel} (names {data['video']['path']!r}, caption {len(data['caption'])} chars)")
-            finished.append(_ts(data["timing"]["finished"]))
-    missing, extra = sorted(expected - set(found)), sorted(set(found) - expected)
-    if bad or missing or extra or len(found) != len(expected):
+    missing, extra = sorted(expected - set(records)), sorted(set(records) - expected)
+    if bad or missing or extra or len(records) != len(expected):
         raise BenchFailure(
-            f"{tag}: {len(found)} records for {len(expected)} videos; "
+            f"{tag}: {len(records)} records for {len(expected)} videos; "
             f"missing {missing[:5]} ({len(missing)}), unexpected {extra[:5]} ({len(extra)}), "
             f"bad {bad[:5]} ({len(bad)})"
         )
     ledgers = [p for p in (out / "_vidcap").glob("failures*.jsonl") if p.stat().st_size]
     if ledgers:
         raise BenchFailure(f"{tag}: failures recorded in {[p.name for p in ledgers]}")
+    return records
+
+
+def run_summaries(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in sorted((out / "_vidcap" / "runs").glob("*.json"))]
+
+
+def check(phase: dict[str, Any], out: Path, rels: list[str], shards: int, which: list[int]) -> dict[str, Any]:
+    """Raise BenchFailure unless OUT holds exactly one record per video of shards ``which`` and nothing else
+    went wrong; returns what the checks counted (shard sizes, summaries per shard, caption times)."""
+    tag = f"shards {which} of {shards}" if shards > 1 else "1 run"
+    expected = {rel for rel in rels if shards == 1 or shard_of(rel, shards) in which}
+    records = scan_records(out, expected, tag)
+    finished = [iso_ts(data["timing"]["finished"]) for data in records.values()]
     # Exactly once at the servers too: each stand-in answered its shard's videos, one request each.
     sizes = [shard_sizes(rels, shards)[i] for i in which]
-    summaries = [json.loads(p.read_text()) for p in sorted((out / "_vidcap" / "runs").glob("*.json"))]
+    summaries = run_summaries(out)
     per_shard: dict[str, int] = {}
     for s in summaries:
         per_shard[s["shard"] or "-"] = per_shard.get(s["shard"] or "-", 0) + 1
@@ -326,9 +365,9 @@ def check(phase: dict[str, Any], out: Path, rels: list[str], shards: int, which:
                 f"answered {st['completed']} of {st['requests']} requests, its summary on disk says "
                 f"{on_disk['counts']['done']} (finished {on_disk['finished']}); expected {sizes[i]}"
             )
-    spans = [(_ts(s["started"]), _ts(s["finished"])) for s in summaries]
+    spans = [(iso_ts(s["started"]), iso_ts(s["finished"])) for s in summaries]
     return {
-        "records": len(found),
+        "records": len(records),
         "shard_sizes": sizes,
         "summaries_per_shard": per_shard,
         "run_span_s": max(b for _, b in spans) - min(a for a, _ in spans),
@@ -350,6 +389,14 @@ def measure(
     out = tmp / f"out-{tag}"
     phase = run_phase(cfg, tmp, source, out, shards, which, tag)
     phase.update(check(phase, out, rels, shards, which))
+    del phase["by_video"]
+    rates(phase, cfg, tag)
+    shutil.rmtree(out, ignore_errors=True)
+    return phase
+
+
+def rates(phase: dict[str, Any], cfg: argparse.Namespace, tag: str) -> None:
+    """Add to a checked phase its rates (videos/s), busy shares and CPU figures, and log them."""
     n = phase["records"]
     phase["videos_s"] = n / phase["wall_s"]
     phase["videos_s_run_spans"] = n / phase["run_span_s"]
@@ -367,8 +414,6 @@ def measure(
         f"{phase['load_after']:.1f}; client {phase['client_cpu_ms_per_video']:.2f} ms CPU/video; "
         f"GPU busy {', '.join(f'{100 * b:.0f}%' for b in phase['busy_share'])}"
     )
-    shutil.rmtree(out, ignore_errors=True)
-    return phase
 
 
 def bench(cfg: argparse.Namespace, tmp: Path) -> tuple[list[Row], dict[str, Any]]:
@@ -475,10 +520,9 @@ def bench(cfg: argparse.Namespace, tmp: Path) -> tuple[list[Row], dict[str, Any]
     return rows, details
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="300 videos, 1 repetition: about 20 s")
-    p.add_argument("--shards", type=int, default=3, help="N shards (default 3)")
+def common_args(p: argparse.ArgumentParser, quick: str) -> None:
+    """The options bench_shards.py and bench_replicas.py share."""
+    p.add_argument("--quick", action="store_true", help=f"300 videos, 1 repetition: {quick}")
     p.add_argument("--videos", type=int, help="M videos (default 900; 300 with --quick)")
     p.add_argument("--slots", type=int, default=16, help="S: each stand-in's concurrent requests (16)")
     p.add_argument("--latency", type=float, default=0.5, help="L: seconds per request (0.5)")
@@ -486,9 +530,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, help="repetitions, best of (default 2; 1 with --quick)")
     p.add_argument("--json-out", type=Path, help="write the results as JSON here")
     p.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "vidcap-bench-cache")
-    cfg = p.parse_args(argv)
-    if cfg.shards < 2:
-        p.error("--shards must be at least 2")
+
+
+def run_bench(
+    cfg: argparse.Namespace,
+    bench_fn: Callable[[argparse.Namespace, Path], tuple[list[Row], dict[str, Any]]],
+    baseline: str,
+    notes: str,
+) -> int:
+    """Run ``bench_fn`` in a temp dir removed afterwards (also on Ctrl-C or SIGTERM), print its table, the
+    notes and the closing line; exit status 2 when a check failed, 1 when a goal was missed."""
     cfg.videos = cfg.videos or (300 if cfg.quick else 900)
     cfg.reps = cfg.reps or (1 if cfg.quick else 2)
     cfg.cache_dir.mkdir(parents=True, exist_ok=True)
@@ -497,24 +548,16 @@ def main(argv: list[str] | None = None) -> int:
     if load > 0.5:
         log(f"note: load average is {load:.1f} before starting; other work on this machine skews the numbers")
     started = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix="vidcap-bench-shards-"))
+    tmp = Path(tempfile.mkdtemp(prefix=f"vidcap-{LOG_NAME}-"))
     try:
-        rows, details = bench(cfg, tmp)
+        rows, details = bench_fn(cfg, tmp)
     except BenchFailure as exc:
         log(f"FAILED: {exc}")
         return 2
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print_table(rows, baseline="1 run")
-    print(
-        f"vidcap column: {cfg.shards} `vidcap caption --shard i/{cfg.shards}` processes, each against its "
-        f"own stand-in (S={cfg.slots}, L={cfg.latency} s),\none output dir; 1 run: one unsharded "
-        "`vidcap caption` against one such stand-in. videos/s from process start to exit."
-    )
-    print(
-        "Not measured: the cost of the live run-summary rewrites (progress_interval), which no CLI option "
-        "or\nconfig key reaches."
-    )
+    print_table(rows, baseline=baseline)
+    print(notes)
     finish(
         rows,
         details,
@@ -525,6 +568,23 @@ def main(argv: list[str] | None = None) -> int:
         json_out=cfg.json_out,
     )
     return 0 if all(r.ok is not False for r in rows) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    common_args(p, "about 20 s")
+    p.add_argument("--shards", type=int, default=3, help="N shards (default 3)")
+    cfg = p.parse_args(argv)
+    if cfg.shards < 2:
+        p.error("--shards must be at least 2")
+    notes = (
+        f"vidcap column: {cfg.shards} `vidcap caption --shard i/{cfg.shards}` processes, each against its "
+        f"own stand-in (S={cfg.slots}, L={cfg.latency} s),\none output dir; 1 run: one unsharded "
+        "`vidcap caption` against one such stand-in. videos/s from process start to exit.\n"
+        "Not measured: the cost of the live run-summary rewrites (progress_interval), which no CLI option "
+        "or\nconfig key reaches."
+    )
+    return run_bench(cfg, bench, "1 run", notes)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ each row means and the latest results.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -40,6 +39,7 @@ from bench_shards import (
     clips,
     common_args,
     copy_corpus,
+    cpu_rows,
     iso_ts,
     log,
     rates,
@@ -189,24 +189,7 @@ def bench(cfg: argparse.Namespace, tmp: Path) -> tuple[list[Row], dict[str, Any]
             ratio_row(f"  stand-in {i}", 100 * share, 100 * one["busy_share"][0], unit="%")
             for i, share in enumerate(many["busy_share"])
         ),
-        ratio_row(
-            "client CPU ms per video",
-            many["client_cpu_ms_per_video"],
-            one["client_cpu_ms_per_video"],
-            digits=2,
-        ),
-        ratio_row(
-            "vidcap event loop, share of a core",
-            100 * many["loop_core_share"],
-            100 * one["loop_core_share"],
-            unit="%",
-        ),
-        ratio_row(
-            f"machine CPU busy, all {os.cpu_count()} cores",
-            100 * many["machine_busy"],
-            100 * one["machine_busy"],
-            unit="%",
-        ),
+        *cpu_rows(many, one, "vidcap event loop, share of a core"),
     ]
     details = {
         "videos": n,

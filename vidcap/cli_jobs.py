@@ -210,7 +210,7 @@ def job_wait(
             if rec.caption is not None and rec.array_size > 1:  # shards end by themselves: wait for that
                 raise UsageError(
                     f"job {rec.id} is an array: 'vidcap job wait {rec.id} --done' waits for it to end, "
-                    f"'vidcap job wait {rec.task_id((rec.tasks or [0])[0])}' for one task's server"
+                    f"'vidcap job wait {jobs.tasks_of(rec)[0].id}' for one task's server"
                 )
             work_dir = cfg.profile(name).paths.work_dir
             with (
@@ -289,7 +289,7 @@ def job_status(
                 ep = jobs.endpoint_of(ex, rec.id, work_dir)
                 row["endpoint"] = ep.to_dict() if ep is not None else None
                 if rec.array_size > 1:  # replicas: each task's own state and endpoint
-                    tasks = [jobs.task_record(rec, rec.task_id(i)) for i in rec.tasks or []]
+                    tasks = jobs.tasks_of(rec)
                     by_id = ex.statuses(tasks)
                     row["tasks"] = []
                     for task in tasks:
@@ -413,7 +413,7 @@ def job_logs(
             if rec.array_size > 1:
                 raise UsageError(
                     f"job {rec.id} is an array of {rec.shards} tasks, each with its own log: "
-                    f"name one, e.g. 'vidcap job logs {rec.task_id((rec.tasks or [0])[0])}'"
+                    f"name one, e.g. 'vidcap job logs {jobs.tasks_of(rec)[0].id}'"
                 )
             jobs.follow_log(ex, rec, write, lines=lines, follow=follow)
     except VidcapError as exc:
@@ -437,7 +437,7 @@ def job_cancel(
         with _executor(config_path, profile, local) as (cfg, name, ex):
             rec = jobs.resolve_record(ex, cfg, name, job_id)
             work_dir = cfg.profile(name).paths.work_dir
-            ids = [rec.task_id(i) for i in rec.tasks or [0]] if rec.replicas else [rec.id]
+            ids = [t.id for t in jobs.tasks_of(rec)] if rec.replicas else [rec.id]
             eps = [e for e in (jobs.endpoint_of(ex, i, work_dir) for i in ids) if e is not None]
             if rec.caption is not None:
                 cancelled = oncluster.cancel_active(ex, rec)

@@ -290,8 +290,7 @@ def wait_all_ready(
     its one endpoint."""
     deadline = time.monotonic() + timeout
     found = []
-    for index in rec.tasks if rec.tasks is not None else range(rec.array_size):
-        task = task_record(rec, rec.task_id(index))
+    for task in tasks_of(rec):
         left = max(0.0, deadline - time.monotonic())
         found.append(wait_ready(ex, task, work_dir, timeout=left, poll=poll, on_progress=on_progress))
     return found
@@ -400,6 +399,12 @@ def discover_replicas(
     return sorted(siblings, key=lambda ep: ep.job_id)
 
 
+def tasks_of(rec: JobRecord) -> list[JobRecord]:
+    """The records of the tasks ``rec`` submitted (an array's, or the job itself)."""
+    indices = rec.tasks if rec.tasks is not None else range(rec.array_size)
+    return [task_record(rec, rec.task_id(i)) for i in indices]
+
+
 def _bare_record(ex: Executor, job_id: str, work_dir: str) -> JobRecord:
     """A record for a job vidcap has no state of (submitted from another machine)."""
     return JobRecord(
@@ -463,7 +468,7 @@ def follow_log(
 def list_jobs(ex: Executor, profile_name: str | None) -> list[tuple[JobRecord, JobStatus]]:
     """The jobs vidcap submitted with their state; an array's is summed up from its tasks'."""
     recs = [r for r in load_records(profile_name) if r.executor == ex.kind]
-    tasks = {r.id: [task_record(r, r.task_id(i)) for i in (r.tasks or [0])] for r in recs}
+    tasks = {r.id: tasks_of(r) for r in recs}
     statuses = ex.statuses([t for ts in tasks.values() for t in ts])
     return [(r, array_status(r.id, [statuses[t.id] for t in tasks[r.id]])) for r in recs]
 

@@ -126,16 +126,16 @@ class Gate:
 
     async def wait_open(self) -> None:
         await self._open.wait()
-        if self._checking is not None and self._checking.done() and self._checking.exception():
-            raise self._checking.exception()  # type: ignore[misc]
+        if (error := self.error) is not None:
+            raise error
 
     async def report_connection_error(self, wait: bool = True) -> None:
         """Called after a connection error: check /health once for everybody, wait while it is down.
         With ``wait=False`` return as soon as the check knows whether the server is down (the gate is
         then closed) or up, instead of waiting for the end of an outage."""
         if self._checking is None or self._checking.done():
-            if self._checking is not None and self._checking.exception():
-                raise self._checking.exception()  # type: ignore[misc]
+            if (error := self.error) is not None:
+                raise error
             self._checking = asyncio.ensure_future(self._check())
         if wait:
             await asyncio.shield(self._checking)

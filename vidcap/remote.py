@@ -9,7 +9,6 @@ import contextlib
 import json
 import os
 import posixpath
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,15 +103,9 @@ def _replica_ports(profile_name: str, remotes: list[tuple[str, int]]) -> list[in
         (t.remote_host, t.remote_port): t.local_port
         for t in map(tunnel.Target.parse, state.get("targets", []))
     }
-    ports = []
-    for remote in remotes:
-        if remote in known:
-            ports.append(known[remote])
-            continue
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            ports.append(int(s.getsockname()[1]))
-    return ports
+    from vidcap.transport import free_port
+
+    return [known[remote] if remote in known else free_port("127.0.0.1") for remote in remotes]
 
 
 def locate_over_ssh(cfg: Config, profile_name: str, job_id: str | None = None) -> Located:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import getpass
+import json
 import os
 import shutil
 import signal
@@ -253,6 +254,18 @@ def sshd_server(sshd_session: SSHServer) -> Iterator[SSHServer]:
 
 # The PATH sshd gives a root session on Debian, after the venv's bin (see slurm_sshd).
 LOGIN_PATH = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
+
+
+def write_profile(path: Path, ssh: SSHConfig | dict[str, Any], **paths: str) -> None:
+    """A config whose one profile, 'cluster', reaches a test sshd with ``ssh`` (never the user's
+    ~/.ssh/config) and has the given ``paths`` (videos_dir, captions_dir, ...)."""
+    values = ssh.model_dump() if isinstance(ssh, SSHConfig) else ssh
+    lines = ['default_profile = "cluster"', "[profiles.cluster.ssh]"]
+    lines += [f"{k} = {json.dumps(v)}" for k, v in values.items() if v is not None]
+    if values.get("config_file") is None:
+        lines.append('config_file = ""')
+    lines += ["[profiles.cluster.paths]", *(f"{k} = {json.dumps(v)}" for k, v in paths.items())]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 def venv_bin() -> str:

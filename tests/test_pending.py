@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import videos
 from conftest import require_integration
-from sshd import SSHServer
+from sshd import SSHServer, write_profile
 
 from vidcap import config, pending, sync
 from vidcap.config import SSHConfig
@@ -60,17 +60,12 @@ class Site:
         return self.work / "captions" / TAG
 
     def write_config(self, ssh: SSHConfig | None = None, **paths: str) -> None:
-        values = (ssh or self.sshd.ssh_config()).model_dump()
-        lines = ['default_profile = "cluster"', "[profiles.cluster.ssh]"]
-        lines += [f"{k} = {json.dumps(v)}" for k, v in values.items() if v is not None]
-        if values.get("config_file") is None:
-            lines.append('config_file = ""')  # not the user's ~/.ssh/config
-        lines += [
-            "[profiles.cluster.paths]",
-            f"videos_dir = {json.dumps(paths.get('videos_dir', str(self.videos)))}",
-            f"captions_dir = {json.dumps(paths.get('captions_dir', str(self.captions)))}",
-        ]
-        self.config.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        write_profile(
+            self.config,
+            ssh or self.sshd.ssh_config(),
+            videos_dir=paths.get("videos_dir", str(self.videos)),
+            captions_dir=paths.get("captions_dir", str(self.captions)),
+        )
 
     def cfg(self) -> config.Config:
         return config.load(self.config)[0]

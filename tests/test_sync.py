@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 from conftest import require_integration
-from sshd import SSHServer
+from sshd import SSHServer, write_profile
 
 from vidcap import config, sync
 from vidcap.config import SSHConfig
@@ -67,16 +67,7 @@ class Site:
         )  # fmt: skip
 
     def write_config(self, ssh: SSHConfig | dict[str, Any], captions_dir: str | None = None) -> None:
-        values = ssh.model_dump() if isinstance(ssh, SSHConfig) else ssh
-        lines = ['default_profile = "cluster"', "[profiles.cluster.ssh]"]
-        lines += [f"{k} = {json.dumps(v)}" for k, v in values.items() if v is not None]
-        if values.get("config_file") is None:
-            lines.append('config_file = ""')  # not root's ~/.ssh/config
-        lines += [
-            "[profiles.cluster.paths]",
-            f"captions_dir = {json.dumps(captions_dir or str(self.cluster))}",
-        ]
-        self.config.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        write_profile(self.config, ssh, captions_dir=captions_dir or str(self.cluster))
 
 
 def make_site(tmp_path: Path, sshd: SSHServer, backend: str = "sshtunnel", **ssh: Any) -> Site:

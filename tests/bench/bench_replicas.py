@@ -43,6 +43,7 @@ from bench_shards import (
     iso_ts,
     log,
     rates,
+    records_row,
     run_bench,
     run_processes,
     run_summaries,
@@ -161,15 +162,7 @@ def bench(cfg: argparse.Namespace, tmp: Path) -> tuple[list[Row], dict[str, Any]
         ratio_row("  first to last caption (steady)", many["videos_s_steady"], k * one["videos_s_steady"]),
         ratio_row("  exec to first request, s", many["startup_s"], one["startup_s"], digits=2),
         ratio_row("  last response to exit, s", many["tail_s"], one["tail_s"], digits=2),
-        Row(
-            f"records: one per video, {n} videos",
-            str(many["records"]),
-            str(one["records"]),
-            "",
-            f"== {n}",
-            True,  # check() raised otherwise
-            {"vidcap": many["records"], "baseline": one["records"], "goal": n},
-        ),
+        records_row(n, many, one),
         Row(
             "requests per stand-in",
             "/".join(map(str, many["split"])),
